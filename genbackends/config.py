@@ -104,10 +104,16 @@ class ParallelConfig(_Strict):
 
 
 class PromptConfig(_Strict):
-    """How prompts become token ids."""
+    """How prompts become token ids (see :mod:`genbackends.prompts`)."""
 
-    apply_chat_template: bool = False
-    system_prompt: str | None = None
+    file: str | None = Field(None, description="prompt file: text (one prompt per line) or .jsonl with a 'prompt' field")
+    apply_chat_template: bool = Field(False, description="wrap each prompt as a user message with the tokenizer's chat template")
+    system_prompt: str | None = Field(None, description="system message added when apply_chat_template is on")
+    truncation: Literal["left", "right", "error"] = Field(
+        "left",
+        description="prompts longer than max_prompt_length tokens: 'left' keeps the last tokens, "
+        "'right' keeps the first, 'error' rejects them",
+    )
     batch_size: int | None = Field(None, ge=1, description="prompts per forward_step (None: all at once)")
 
 
@@ -125,7 +131,27 @@ class GenConfig(_Strict):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     prompts: PromptConfig = Field(default_factory=PromptConfig)
-    options: dict[str, Any] = Field(default_factory=dict, description="backend-specific, validated by the backend")
+    options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="backend-specific options keyed by backend name ({vllm: {...}, hf: {...}}); only the "
+        "selected backend's block is validated (by its options_model), so switching `backend` keeps working",
+    )
+    plugins: list[str] | None = Field(
+        None, description="allow-list of plugin (entry-point) names to load; None loads all (see GENBACKENDS_PLUGINS)"
+    )
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _options_keyed(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            for key, block in v.items():
+                if block is not None and not isinstance(block, dict):
+                    raise ValueError(
+                        f"options must be keyed by backend name, e.g. 'options: {{vllm: {{...}}}}'; "
+                        f"options.{key} is {block!r}"
+                    )
+            return {k: (b or {}) for k, b in v.items()}
+        return v
 
     @model_validator(mode="after")
     def _prompt_budget(self) -> "GenConfig":
@@ -145,14 +171,16 @@ class GenConfig(_Strict):
     def tokenizer_path(self) -> str:
         return self.tokenizer or self.model
 
-    def backend_options(self, model: type[BaseModel]) -> BaseModel:
-        """Validate ``options`` with a backend's option model; errors name ``options.<field>``."""
+    def backend_options(self, model: type[BaseModel], name: str | None = None) -> BaseModel:
+        """Validate the options block of backend ``name`` (default: the selected ``backend``) with
+        that backend's option model; errors name ``options.<backend>.<field>``."""
         from pydantic import ValidationError
 
+        name = name or self.backend
         try:
-            return model.model_validate(self.options)
+            return model.model_validate(self.options.get(name, {}))
         except ValidationError as e:
-            raise ConfigError(format_validation_error(e, prefix="options")) from None
+            raise ConfigError(format_validation_error(e, prefix=f"options.{name}")) from None
 
 
 def format_validation_error(err: Any, prefix: str = "") -> str:
@@ -167,5 +195,5 @@ def format_validation_error(err: Any, prefix: str = "") -> str:
             msg = msg[len("Value error, ") :]
         got = item.get("input")
         shown = "" if isinstance(got, dict) else f" (got {got!r})"
-        parts.append(f"{loc or '<root>'}: {msg}{shown}")
+        parts.append(f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}")
     return "invalid config: " + "; ".join(parts)
