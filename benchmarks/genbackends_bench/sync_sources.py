@@ -1,0 +1,132 @@
+"""Weight sources for the ``sync_weights`` timings, and the copy floor they are held against.
+
+Paths timed (each a different way bytes reach the engine):
+
+* ``tensors``: a dict of HF-named tensors already on the engine's device (in-process hand-off);
+* ``safetensors``: a folder of HF-named ``*.safetensors`` files (read from disk by the backend);
+* ``megatron-universal`` / ``megatron-direct``: a live Megatron-core ``GPTModel`` (world size 1)
+  through the Megatron adapter's universal (gather -> HF names -> buckets) and direct (plan ->
+  write into the engine's parameters) paths.
+
+The copy floor is the time to copy the same tensors once on the same device into a scratch
+buffer (2 x bytes of memory traffic): no sync of those bytes can be faster.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def hf_state_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """HF parameter names and shapes of the model folder's architecture (built on the meta device,
+    so an 8B shape costs nothing)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(str(model_dir))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    return {n: tuple(p.shape) for n, p in model.state_dict().items() if not n.endswith("rotary_emb.inv_freq")}
+
+
+def hf_tensors(model_dir: Path, device: str, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
+    """HF-named tensors for a sync: the folder's own weights when it has them (so outputs stay the
+    same), else small random values of the right names and shapes (dummy-weight models)."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if files:
+        from safetensors.torch import load_file
+
+        out: dict[str, torch.Tensor] = {}
+        for f in files:
+            out.update({k: v.to(device=device, dtype=dtype) for k, v in load_file(str(f)).items()})
+        return out
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = {}
+    for name, shape in hf_state_shapes(model_dir).items():
+        t = torch.empty(shape, device=device, dtype=dtype)
+        if "norm" in name:
+            t.fill_(1.0)
+        else:
+            t.normal_(0.0, 0.02, generator=gen)
+        out[name] = t
+    return out
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path, shard_bytes: int = 2 << 30) -> Path:
+    """Write tensors as HF-style safetensors shards of at most ``shard_bytes`` under ``out_dir``."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shard: dict[str, torch.Tensor] = {}
+    size, idx = 0, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shard and size + nbytes > shard_bytes:
+            save_file(shard, str(out_dir / f"model-{idx:05d}.safetensors"))
+            shard, size, idx = {}, 0, idx + 1
+        shard[name] = t.detach().to("cpu").contiguous()
+        size += nbytes
+    if shard:
+        save_file(shard, str(out_dir / f"model-{idx:05d}.safetensors"))
+    return out_dir
+
+
+def copy_floor_seconds(tensors: list[torch.Tensor], repeats: int = 3) -> dict[str, float]:
+    """Median time to copy every tensor once into a scratch buffer on its own device, and the
+    bandwidth that implies (bytes read + written per second)."""
+    if not tensors:
+        return {"seconds": 0.0, "bytes": 0, "bandwidth_bytes_per_s": 0.0}
+    device = tensors[0].device
+    biggest = max(t.numel() * t.element_size() for t in tensors)
+    scratch = torch.empty(biggest, dtype=torch.uint8, device=device)
+    cuda = device.type == "cuda"
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+
+    def once() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for t in tensors:
+            n = t.numel() * t.element_size()
+            scratch[:n].view(t.dtype).view(t.shape).copy_(t)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    once()  # warm-up (allocator, page faults)
+    times = sorted(once() for _ in range(repeats))
+    secs = times[len(times) // 2]
+    del scratch
+    return {"seconds": secs, "bytes": nbytes, "bandwidth_bytes_per_s": 2 * nbytes / secs if secs > 0 else 0.0}
+
+
+class MegatronSide:
+    """A Megatron-core GPTModel matching the model folder, in this process (world size 1), and the
+    adapter's sources over it. Built lazily; ``error`` says why it is unavailable."""
+
+    def __init__(self, model_dir: Path, device: str, dtype: torch.dtype, port: int):
+        self.model_dir, self.device, self.dtype, self.port = model_dir, device, dtype, port
+        self.model: Any = None
+        self.error: str | None = None
+
+    def build(self) -> bool:
+        if self.model is not None or self.error is not None:
+            return self.error is None
+        try:
+            from genbackends_bench import megatron_glue
+
+            self.model = megatron_glue.build_single_rank_model(self.model_dir, self.device, self.dtype, self.port)
+        except Exception as e:  # recorded in the results as the reason the row is missing
+            self.error = f"{type(e).__name__}: {e}"
+        return self.error is None
+
+    def source(self, path: str, bucket_bytes: int | None) -> Any:
+        from genbackends_bench import megatron_glue
+
+        return megatron_glue.make_source(self.model, self.model_dir, path, bucket_bytes)
+
+    def manifest_tensors(self) -> list[torch.Tensor]:
+        """The trainer-side parameter tensors (the bytes a sync starts from)."""
+        return [p.detach() for p in self.model.parameters()]
