@@ -1,0 +1,416 @@
+"""The HF transformers backend: the reference every other backend is compared with.
+
+It runs ``model.generate`` on any machine (CPU or GPU), batched with left padding, and follows
+vLLM's output semantics so records from both backends compare field by field:
+
+* ``logprobs`` are log-softmax of the model's **raw** logits (before temperature, top-k, top-p),
+  like vLLM's default ``logprobs_mode="raw_logprobs"``; they come from the very logits the token
+  was sampled from (``output_logits``), not from a second forward pass;
+* ``temperature: 0`` is greedy; ``n > 1`` repeats each prompt ``n`` times (greedy n > 1 then gives
+  n equal completions, as vLLM does);
+* EOS / stop strings / token limits end a completion as :mod:`genbackends_hf.finishing` says;
+* beam search (``use_beam_search``) uses ``generate(num_beams=n)``; its per-token logprobs are
+  computed by one forward pass over each returned beam.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from genbackends.backend import GenerationBackend
+from genbackends.errors import BackendStateError, ConfigError, WeightSyncError
+from genbackends.prompts import dataset_from_config
+from genbackends.records import GenerationRecord
+from genbackends.weights import PhaseTimer, SyncReport, as_weight_source, validate_manifest
+
+from genbackends_hf.finishing import Finish, RowStopper, finish_row
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HFOptions(BaseModel):
+    """Options of the ``hf`` backend (``options: {hf: {...}}``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attn_implementation: Literal["eager", "sdpa"] | None = Field(None, description="transformers attention kernel")
+    trust_remote_code: bool = False
+    sync_bucket_bytes: int | None = Field(None, ge=1, description="cap on one bucket of a weight sync")
+    sync_rollback: bool = Field(
+        True,
+        description="keep a host copy of each overwritten tensor during a sync, so a source that breaks its own "
+        "manifest mid-stream leaves the old weights in place",
+    )
+
+
+@dataclass
+class HFCompletion:
+    """One completion as the HF backend produced it (raw output of ``forward_step``)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish: Finish
+
+
+@dataclass
+class HFPromptOutput:
+    """Everything ``forward_step`` produced for one prompt."""
+
+    request_id: str
+    prompt: str
+    prompt_token_ids: list[int]
+    completions: list[HFCompletion] = field(default_factory=list)
+    prompt_logprobs: list[float | None] | None = None
+
+
+class HFBackend(GenerationBackend):
+    """Generation on HF transformers' ``generate`` (backend name ``hf``)."""
+
+    name = "hf"
+    options_model = HFOptions
+
+    def __init__(self, config: Any, hooks: Any = None):
+        super().__init__(config, hooks)
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.device = torch.device("cpu")
+        self._home_device = torch.device("cpu")
+        self._next_request = 0
+        self._eos_ids: set[int] = set()
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    def setup(self) -> None:
+        """Load tokenizer and model from ``config.model`` onto ``config.device``."""
+        if self._state == "shutdown":
+            raise BackendStateError("backend 'hf' was shut down; create a new one")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        t0 = time.perf_counter()
+        cfg = self.config
+        want = cfg.device
+        if want == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device: cuda was asked for but torch sees no CUDA device; set device: cpu or auto")
+        self.device = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
+        self._home_device = self.device
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path, trust_remote_code=self.options.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"tokenizer: cannot load {cfg.tokenizer_path!r}: {str(e).splitlines()[0]}") from None
+        kwargs: dict[str, Any] = {"dtype": _DTYPES.get(cfg.dtype, "auto"), "trust_remote_code": self.options.trust_remote_code}
+        if self.options.attn_implementation:
+            kwargs["attn_implementation"] = self.options.attn_implementation
+        try:
+            model = AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model: cannot load {cfg.model!r}: {str(e).splitlines()[0]}") from None
+        self.model = model.to(self.device).eval()
+        self._eos_ids = _eos_ids(self.tokenizer, self.model)
+        # The model's own generation defaults (eos, top_k=50, ...) would be merged into every
+        # call; all sampling comes from our config instead, so start from a neutral config.
+        from transformers import GenerationConfig
+
+        self.model.generation_config = GenerationConfig(
+            pad_token_id=self._pad_id(), bos_token_id=self.model.generation_config.bos_token_id
+        )
+        self._mark_ready()
+        self._emit("genbackends_on_backend_ready", backend=self, startup_seconds=time.perf_counter() - t0)
+
+    def shutdown(self) -> None:
+        """Drop the model; a later ``generate`` raises."""
+        self.model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self._mark_shutdown()
+
+    def sleep(self, level: int = 1) -> None:
+        """Move the weights to host memory (GPU only; a no-op on the CPU). Level 2 behaves like
+        level 1: transformers has nothing cheaper to drop than the weights themselves."""
+        self._require_ready()
+        t0 = time.perf_counter()
+        before = torch.cuda.memory_allocated() if self.device.type == "cuda" else 0
+        if self.device.type == "cuda":
+            self.model.to("cpu")
+            self.device = torch.device("cpu")
+            torch.cuda.empty_cache()
+        after = torch.cuda.memory_allocated() if self._home_device.type == "cuda" else 0
+        self._emit(
+            "genbackends_on_memory_phase",
+            backend=self,
+            phase="sleep",
+            stats={"seconds": time.perf_counter() - t0, "freed_bytes": float(before - after)},
+        )
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Move the weights back to the device they were loaded on."""
+        self._require_ready()
+        t0 = time.perf_counter()
+        if self.device != self._home_device:
+            self.model.to(self._home_device)
+            self.device = self._home_device
+        used = torch.cuda.memory_allocated() if self.device.type == "cuda" else 0
+        self._emit(
+            "genbackends_on_memory_phase",
+            backend=self,
+            phase="wake_up",
+            stats={"seconds": time.perf_counter() - t0, "used_bytes": float(used)},
+        )
+
+    # ---- the four jobs -------------------------------------------------------------------
+    def build_dataset(self, prompts: Any, is_eval: bool = False) -> list[dict[str, Any]]:
+        """Prompts -> ``{"prompt", "input_ids"}`` items with this model's tokenizer."""
+        if self.tokenizer is None:
+            raise BackendStateError("backend 'hf' is not set up; call setup() first")
+        return dataset_from_config(prompts, self.tokenizer, self.config)
+
+    def forward_step(self, data: Any, iteration: int = 0, eval_mode: bool = False) -> list[HFPromptOutput]:
+        """Generate for a batch of dataset items (or lists of token ids); one
+        :class:`HFPromptOutput` per prompt, in order."""
+        self._require_ready()
+        items = [_as_item(d, self.tokenizer) for d in data]
+        if not items:
+            return []
+        sp = self.config.sampling.resolved(eval_mode)
+        if sp.seed is not None:
+            torch.manual_seed(sp.seed + iteration)
+        outputs = []
+        for it in items:
+            outputs.append(HFPromptOutput(str(self._next_request), it["prompt"], list(it["input_ids"])))
+            self._next_request += 1
+        if sp.use_beam_search:
+            self._beam_search(outputs, sp)
+        else:
+            self._sample(outputs, sp)
+        if sp.prompt_logprobs is not None:
+            scored = self._score([o.prompt_token_ids for o in outputs])
+            for o, lp in zip(outputs, scored):
+                o.prompt_logprobs = [None, *lp]
+        return outputs
+
+    def decode_internal(self, batched_outputs: Sequence[HFPromptOutput]) -> list[GenerationRecord]:
+        """One record per (prompt, completion), prompt order then completion index."""
+        records = []
+        for p_idx, out in enumerate(batched_outputs):
+            for c_idx, c in enumerate(out.completions):
+                records.append(
+                    GenerationRecord(
+                        request_id=out.request_id,
+                        prompt=out.prompt,
+                        prompt_token_ids=list(out.prompt_token_ids),
+                        index=c_idx,
+                        text=c.finish.text,
+                        token_ids=list(c.token_ids),
+                        logprobs=list(c.logprobs),
+                        cumulative_logprob=float(sum(c.logprobs)),
+                        finish_reason=c.finish.reason,
+                        prompt_logprobs=list(out.prompt_logprobs) if out.prompt_logprobs is not None else None,
+                        prompt_index=p_idx,
+                        extra={"stop_reason": c.finish.stop_reason} if c.finish.stop_reason is not None else {},
+                    )
+                )
+        return records
+
+    # ---- weights -------------------------------------------------------------------------
+    def expected_weights(self) -> dict[str, tuple[int, ...]]:
+        """HF names and shapes this model accepts (tied weights appear under both names)."""
+        self._require_ready()
+        return {n: tuple(p.shape) for n, p in self.model.named_parameters(remove_duplicate=False)}
+
+    def sync_weights(self, source: Any) -> SyncReport:
+        """Copy HF-named tensors into the model after validating names and shapes of the whole
+        sync; a rejected sync writes nothing."""
+        self._require_ready()
+        timer = PhaseTimer()
+        with timer.phase("validate"):
+            src = as_weight_source(source)
+            manifest = src.manifest()
+            validate_manifest(manifest, self.expected_weights(), what="hf model")
+            params = dict(self.model.named_parameters(remove_duplicate=False))
+        backup: list[tuple[torch.Tensor, torch.Tensor]] = []
+        count = nbytes = 0
+        try:
+            with timer.phase("load"), torch.no_grad():
+                for bucket in src.iter_buckets(self.options.sync_bucket_bytes):
+                    for name, t in bucket:  # the source must keep to its own manifest
+                        spec = manifest.get(name)
+                        if spec is None or tuple(t.shape) != tuple(spec.shape):
+                            raise WeightSyncError(
+                                f"weight source produced {name!r} with shape {tuple(t.shape)}, "
+                                f"which its manifest did not announce"
+                            )
+                    for name, t in bucket:
+                        dst = params[name]
+                        if self.options.sync_rollback:
+                            backup.append((dst, dst.detach().to("cpu", copy=True)))
+                        dst.copy_(t.to(dst.device, non_blocking=True))
+                        count += 1
+                        nbytes += t.numel() * t.element_size()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+        except Exception:
+            with torch.no_grad():
+                for dst, old in reversed(backup):
+                    dst.copy_(old.to(dst.device))
+            raise
+        report = SyncReport(
+            path="hf-named-copy",
+            transport="in-process",
+            num_tensors=count,
+            bytes_moved=nbytes,
+            seconds=timer.total,
+            phases=dict(timer.phases),
+        )
+        self._emit("genbackends_on_after_sync", backend=self, report=report)
+        return report
+
+    # ---- internals -----------------------------------------------------------------------
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        if tok.pad_token_id is not None:
+            return int(tok.pad_token_id)
+        if tok.eos_token_id is not None:
+            return int(tok.eos_token_id)
+        return 0
+
+    def _limits(self, prompt_lens: Sequence[int], sp: Any) -> list[int]:
+        """Per-prompt new-token limit: ``max_new_tokens`` with ``new_token_limit``, else the
+        room left in ``seq_length``."""
+        if sp.new_token_limit:
+            return [sp.max_new_tokens for _ in prompt_lens]
+        return [max(1, self.config.seq_length - n) for n in prompt_lens]
+
+    def _left_pad(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self._pad_id(), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _chunks(self, n_rows: int) -> list[range]:
+        cap = self.config.scheduler.max_num_seqs or n_rows
+        return [range(s, min(n_rows, s + cap)) for s in range(0, n_rows, cap)]
+
+    def _gen_config(self, sp: Any, max_new: int, **extra: Any) -> Any:
+        from transformers import GenerationConfig
+
+        greedy = sp.temperature == 0 or sp.use_beam_search
+        kw: dict[str, Any] = dict(
+            max_new_tokens=max_new,
+            do_sample=not greedy,
+            eos_token_id=None if sp.ignore_eos else sorted(self._eos_ids) or None,
+            pad_token_id=self._pad_id(),
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+        if not greedy:
+            # top_k 0 disables top-k in transformers (None would fall back to its default of 50)
+            kw.update(temperature=sp.temperature, top_k=0 if sp.top_k == -1 else sp.top_k, top_p=sp.top_p)
+        kw.update(extra)
+        return GenerationConfig(**kw)
+
+    def _sample(self, outputs: list[HFPromptOutput], sp: Any) -> None:
+        from transformers import StoppingCriteriaList
+
+        # Rows: prompt-major, n completions each (greedy n > 1 gives n equal rows, as vLLM).
+        rows = [(i, o.prompt_token_ids) for i, o in enumerate(outputs) for _ in range(sp.n)]
+        limits = self._limits([len(r) for _, r in rows], sp)
+        for chunk in self._chunks(len(rows)):
+            ids, mask = self._left_pad([rows[j][1] for j in chunk])
+            ch_limits = [limits[j] for j in chunk]
+            stopper = RowStopper(ids.shape[1], ch_limits, self.tokenizer, sp.stop_strings)
+            with torch.no_grad():
+                res = self.model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    generation_config=self._gen_config(sp, max(ch_limits)),
+                    stopping_criteria=StoppingCriteriaList([stopper]),
+                )
+            gen = res.sequences[:, ids.shape[1] :].tolist()
+            # raw logits -> log-softmax in fp32, gathered at the sampled tokens: [rows, steps]
+            steps = len(res.logits)
+            if steps:
+                logits = torch.stack(res.logits, dim=1).float()
+                chosen = res.sequences[:, ids.shape[1] : ids.shape[1] + steps]
+                lps = torch.log_softmax(logits, dim=-1).gather(-1, chosen.unsqueeze(-1)).squeeze(-1).tolist()
+            else:
+                lps = [[] for _ in chunk]
+            for k, j in enumerate(chunk):
+                fin = finish_row(
+                    gen[k],
+                    self.tokenizer,
+                    limit=ch_limits[k],
+                    eos_ids=self._eos_ids,
+                    ignore_eos=sp.ignore_eos,
+                    stops=sp.stop_strings,
+                )
+                outputs[rows[j][0]].completions.append(
+                    HFCompletion(gen[k][: fin.length], lps[k][: fin.length], fin)
+                )
+
+    def _beam_search(self, outputs: list[HFPromptOutput], sp: Any) -> None:
+        # Beam search is deterministic; done per prompt because beams of different prompts
+        # share nothing and the per-prompt limit may differ.
+        for o in outputs:
+            limit = self._limits([len(o.prompt_token_ids)], sp)[0]
+            ids, mask = self._left_pad([o.prompt_token_ids])
+            gc = self._gen_config(sp, limit, num_beams=sp.n, num_return_sequences=sp.n, output_logits=False)
+            with torch.no_grad():
+                res = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
+            beams = []
+            for seq in res.sequences[:, ids.shape[1] :].tolist():
+                fin = finish_row(seq, self.tokenizer, limit=limit, eos_ids=self._eos_ids, ignore_eos=sp.ignore_eos, stops=sp.stop_strings)
+                beams.append((seq[: fin.length], fin))
+            scored = self._score([o.prompt_token_ids + b[0] for b in beams])
+            p = len(o.prompt_token_ids)
+            for (toks, fin), lp in zip(beams, scored):
+                o.completions.append(HFCompletion(toks, lp[p - 1 :], fin))
+
+    def _score(self, seqs: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Log-probs of tokens 1.. of each sequence under the model (raw log-softmax, fp32).
+
+        Right padding: real tokens keep positions 0..len-1, and causal attention means the
+        trailing pads never influence them.
+        """
+        out: list[list[float]] = []
+        for chunk in self._chunks(len(seqs)):
+            rows = [list(seqs[j]) for j in chunk]
+            width = max(len(r) for r in rows)
+            ids = torch.full((len(rows), width), self._pad_id(), dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, r in enumerate(rows):
+                ids[i, : len(r)] = torch.tensor(r)
+                mask[i, : len(r)] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            with torch.no_grad():
+                logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+            lp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            for i, r in enumerate(rows):
+                out.append(lp[i, : len(r) - 1].tolist())
+        return out
+
+
+def _eos_ids(tokenizer: Any, model: Any) -> set[int]:
+    """EOS ids from the tokenizer and the model's generation config (vLLM stops on both)."""
+    ids: set[int] = set()
+    for v in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, (list, tuple)):
+            ids.update(int(x) for x in v)
+    return ids
+
+
+def _as_item(d: Any, tokenizer: Any) -> dict[str, Any]:
+    """A dataset item, or a bare list of token ids (the prompt text is then decoded)."""
+    if isinstance(d, dict) and "input_ids" in d:
+        return {"prompt": d.get("prompt") or tokenizer.decode(d["input_ids"]), "input_ids": list(d["input_ids"])}
+    if isinstance(d, (list, tuple)) and all(isinstance(t, int) for t in d):
+        if not d:
+            raise ValueError("forward_step got an empty list of token ids")
+        return {"prompt": tokenizer.decode(list(d)), "input_ids": list(d)}
+    raise TypeError(f"forward_step items must be dataset dicts or lists of token ids, got {type(d).__name__}")
