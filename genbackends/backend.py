@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
@@ -94,9 +94,12 @@ class GenerationBackend(ABC):
         """
 
     # ---- convenience -----------------------------------------------------------------------
-    def generate(self, prompts: Any, eval_mode: bool = False) -> list[GenerationRecord]:
+    def generate(
+        self, prompts: Any, eval_mode: bool = False, progress: Callable[[int, int], None] | None = None
+    ) -> list[GenerationRecord]:
         """``build_dataset`` -> ``forward_step`` per batch -> ``decode_internal``; emits the
-        ``genbackends_on_after_generate`` hook with throughput stats."""
+        ``genbackends_on_after_generate`` hook with throughput stats. ``progress(done, total)``
+        is called with prompt counts after each batch (the CLI's progress bar)."""
         self._require_ready()
         t0 = time.perf_counter()
         dataset = self.build_dataset(prompts, is_eval=eval_mode)
@@ -108,6 +111,8 @@ class GenerationBackend(ABC):
             for r in batch_records:
                 r.prompt_index += start
             records.extend(batch_records)
+            if progress is not None:
+                progress(min(start + size, len(dataset)), len(dataset))
         seconds = time.perf_counter() - t0
         out_tokens = sum(len(r.token_ids) for r in records)
         stats = {
