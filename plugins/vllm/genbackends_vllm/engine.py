@@ -1,0 +1,225 @@
+"""One vLLM engine (``vllm.LLM``) and the operations the backend needs from it.
+
+A :class:`LocalEngine` lives in this process (its engine core in-process, or in a subprocess with
+worker processes for TP/PP). Ray replicas wrap the same class inside an actor
+(:mod:`genbackends_vllm.ray_replicas`). Start-up errors are turned into one-line errors naming
+the setting to change.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from genbackends.errors import BackendStateError, ConfigError
+
+from genbackends_vllm import compat
+
+WORKER_EXTENSION = "genbackends_vllm.worker_ext.WeightSyncExtension"
+
+_MEMORY_HINTS = ("memory", "kv cache", "kv_cache", "out of memory", "cannot allocate", "blocks")
+
+
+def check_model_path(model: str, what: str = "model") -> None:
+    """Fail before any engine work if ``model`` is not an HF-format folder."""
+    p = Path(model)
+    if not p.exists():
+        raise ConfigError(f"{what}: model folder {model!r} does not exist")
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise ConfigError(f"{what}: {model!r} has no config.json (expected an HF-format model folder)")
+
+
+def explain_start_failure(err: BaseException, kwargs: dict[str, Any]) -> str:
+    """A one-line reason naming the config setting to change."""
+    msg = f"{type(err).__name__}: {err}".splitlines()[0][:400]
+    low = str(err).lower()
+    if any(h in low for h in _MEMORY_HINTS):
+        if "kv_cache_memory_bytes" in kwargs:
+            knob = f"cache.kv_cache_memory_bytes (now {kwargs['kv_cache_memory_bytes']})"
+        else:
+            knob = f"cache.gpu_memory_utilization (now {kwargs.get('gpu_memory_utilization')})"
+        return (
+            f"vLLM engine could not start for lack of memory: raise {knob} or lower seq_length / "
+            f"options.vllm.max_model_len (now {kwargs.get('max_model_len')}) -- {msg}"
+        )
+    return f"vLLM engine could not start (model {kwargs.get('model')!r}): {msg}"
+
+
+class EngineStartError(ConfigError):
+    """The engine refused to start; the message names the setting to change."""
+
+
+def _call_with_model(worker: Any, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    # Runs inside each worker: hand fn the worker's nn.Module and TP rank.
+    return fn(compat.worker_model(worker), compat.worker_tp_rank(worker), *args, **kwargs)
+
+
+def _param_layout(model: Any, tp_rank: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    return {n: (tuple(p.shape), p.dtype) for n, p in model.named_parameters()}
+
+
+class LocalEngine:
+    """A ``vllm.LLM`` plus the calls the backend makes on it."""
+
+    def __init__(self, engine_kwargs: dict[str, Any], *, in_process: bool):
+        self.kwargs = dict(engine_kwargs)
+        self.in_process = in_process
+        self.llm: Any = None
+        self.start_seconds = 0.0
+        self.lock = threading.RLock()
+        self._group: Any = None
+        self.sync_port: int | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    def start(self) -> "LocalEngine":
+        """Build the ``LLM``; errors name the setting to change."""
+        check_model_path(self.kwargs["model"])
+        compat.prepare_process_env(
+            in_process=self.in_process,
+            tensor_parallel_size=self.kwargs.get("tensor_parallel_size", 1),
+            pipeline_parallel_size=self.kwargs.get("pipeline_parallel_size", 1),
+        )
+        from vllm import LLM
+
+        kw = dict(self.kwargs)
+        kw.setdefault("worker_extension_cls", WORKER_EXTENSION)
+        t0 = time.perf_counter()
+        try:
+            self.llm = LLM(**kw)
+        except Exception as e:
+            raise EngineStartError(explain_start_failure(e, kw)) from e
+        self.start_seconds = time.perf_counter() - t0
+        return self
+
+    def shutdown(self) -> None:
+        """Stop the engine core and workers."""
+        llm, self.llm = self.llm, None
+        if llm is None:
+            return
+        if self._group is not None:
+            try:
+                llm.collective_rpc("genbackends_sync_close")
+            except Exception:
+                pass
+            self._group = None
+        try:
+            engine = llm.llm_engine
+            core = getattr(engine, "engine_core", None)
+            if core is not None and hasattr(core, "shutdown"):
+                core.shutdown()
+        finally:
+            del llm
+            import gc
+
+            gc.collect()
+
+    def _need(self) -> Any:
+        if self.llm is None:
+            raise BackendStateError("vLLM engine is shut down")
+        return self.llm
+
+    # ---- generation --------------------------------------------------------------------
+    def tokenizer(self) -> Any:
+        return self._need().get_tokenizer()
+
+    def generate(self, token_ids: Sequence[Sequence[int]], params: Sequence[Any], use_tqdm: bool = False) -> list[Any]:
+        """``LLM.generate`` on token-id prompts; outputs in prompt order."""
+        prompts = [{"prompt_token_ids": list(t)} for t in token_ids]
+        with self.lock:
+            return list(self._need().generate(prompts, list(params), use_tqdm=use_tqdm))
+
+    def beam_search(self, token_ids: Sequence[Sequence[int]], params: Any) -> list[Any]:
+        """``LLM.beam_search`` (beam width = ``params.beam_width``)."""
+        prompts = [{"prompt_token_ids": list(t)} for t in token_ids]
+        with self.lock:
+            return list(self._need().beam_search(prompts, params))
+
+    # ---- workers -----------------------------------------------------------------------
+    def collective_rpc(self, method: Any, args: tuple = (), kwargs: dict | None = None) -> list[Any]:
+        return self._need().collective_rpc(method, args=args, kwargs=kwargs or {})
+
+    def run_on_workers(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+        """``fn(model, tp_rank, *args, **kwargs)`` next to each worker's model, rank order.
+        In-process engines pass objects without copying; worker processes get ``fn`` pickled."""
+        return self.collective_rpc(_call_with_model, args=(fn, args, kwargs))
+
+    def param_layout(self) -> list[dict[str, tuple[tuple[int, ...], Any]]]:
+        return self.run_on_workers(_param_layout)
+
+    def reload_weights(self, pairs: list[tuple[str, Any]]) -> None:
+        """In-place reload on every worker (``reload_weights`` restores the kernel layout, loads
+        HF-named tensors and repacks; a plain second ``load_weights`` fails on the CPU)."""
+        self.collective_rpc("reload_weights", kwargs={"weights_iterator": pairs})
+
+    def transport_kind(self) -> str:
+        """Default weight transport: hand-off in this process, or our own group to workers."""
+        return "inprocess" if self.in_process else "group"
+
+    def load_bucket(self, pairs: list[tuple[str, Any]], transport: str) -> None:
+        """Load one bucket of HF-named tensors into every worker by ``transport``."""
+        with self.lock:
+            if transport == "inprocess":
+                self.reload_weights([(n, t.detach()) for n, t in pairs])
+            elif transport == "rpc":
+                self.reload_weights([(n, t.detach().contiguous().cpu()) for n, t in pairs])
+            elif transport == "group":
+                self._send_over_group(pairs)
+            else:
+                raise ValueError(f"unknown weight transport {transport!r}")
+
+    def reload_from_path(self, path: str) -> None:
+        """Every worker reads the safetensors folder ``path`` itself and reloads in place."""
+        with self.lock:
+            self.collective_rpc("reload_weights", kwargs={"weights_path": path})
+
+    def _send_over_group(self, pairs: list[tuple[str, Any]]) -> None:
+        from genbackends_vllm.transport import SyncGroup, free_port, meta_of, to_wire
+
+        if self._group is None:
+            world = 1 + self.kwargs.get("tensor_parallel_size", 1) * self.kwargs.get("pipeline_parallel_size", 1)
+            port = self.sync_port or free_port()
+            joined = self._in_thread(lambda: self.collective_rpc("genbackends_sync_open", args=("127.0.0.1", port, world)))
+            self._group = SyncGroup("127.0.0.1", port, 0, world)
+            joined()
+        meta = meta_of(pairs)
+        done = self._in_thread(lambda: self.collective_rpc("genbackends_sync_bucket", args=(meta,)))
+        for _, t in pairs:
+            self._group.broadcast(to_wire(t))
+        done()
+
+    @staticmethod
+    def _in_thread(fn: Callable[[], Any]) -> Callable[[], Any]:
+        # collective_rpc blocks until the workers return, and they only return once rank 0 has
+        # sent: run the RPC in a thread while this thread sends.
+        box: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                box["result"] = fn()
+            except BaseException as e:  # re-raised in join
+                box["error"] = e
+
+        th = threading.Thread(target=target, daemon=True)
+        th.start()
+
+        def join() -> Any:
+            th.join()
+            if "error" in box:
+                raise box["error"]
+            return box.get("result")
+
+        return join
+
+    def reset_prefix_cache(self) -> None:
+        compat.reset_prefix_cache(self._need())
+
+    # ---- memory ------------------------------------------------------------------------
+    def sleep(self, level: int) -> None:
+        self._need().sleep(level=level)
+
+    def wake_up(self, tags: list[str] | None) -> None:
+        self._need().wake_up(tags=tags)
+
+    def executor_backend(self) -> str:
+        return str(self._need().llm_engine.vllm_config.parallel_config.distributed_executor_backend)

@@ -1,0 +1,56 @@
+"""The HF-named weights (names and shapes) an engine expects, for validating a sync up front.
+
+Read from the model folder's safetensors headers when it has them (exactly what the engine
+loaded); otherwise (``load_format: dummy`` with only a ``config.json``) computed from the config
+by a per-architecture table.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from genbackends.weights import SafetensorsFolderSource
+
+_LLAMA_LIKE = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM"}
+
+
+def expected_from_config(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """HF names -> shapes of a Llama/Qwen2/Qwen3-shaped model from its ``config.json`` dict."""
+    arch = (cfg.get("architectures") or ["LlamaForCausalLM"])[0]
+    if arch not in _LLAMA_LIKE:
+        raise ValueError(f"cannot derive weight names for architecture {arch!r} without safetensors files")
+    h, v, i = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"]
+    nh = cfg["num_attention_heads"]
+    nkv = cfg.get("num_key_value_heads") or nh
+    hd = cfg.get("head_dim") or h // nh
+    qkv_bias = arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias"))
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        out[p + "input_layernorm.weight"] = (h,)
+        out[p + "post_attention_layernorm.weight"] = (h,)
+        out[p + "self_attn.q_proj.weight"] = (nh * hd, h)
+        out[p + "self_attn.k_proj.weight"] = (nkv * hd, h)
+        out[p + "self_attn.v_proj.weight"] = (nkv * hd, h)
+        out[p + "self_attn.o_proj.weight"] = (h, nh * hd)
+        if qkv_bias:
+            out[p + "self_attn.q_proj.bias"] = (nh * hd,)
+            out[p + "self_attn.k_proj.bias"] = (nkv * hd,)
+            out[p + "self_attn.v_proj.bias"] = (nkv * hd,)
+        if arch == "Qwen3ForCausalLM":
+            out[p + "self_attn.q_norm.weight"] = (hd,)
+            out[p + "self_attn.k_norm.weight"] = (hd,)
+        out[p + "mlp.gate_proj.weight"] = (i, h)
+        out[p + "mlp.up_proj.weight"] = (i, h)
+        out[p + "mlp.down_proj.weight"] = (h, i)
+    if not cfg.get("tie_word_embeddings", False):
+        out["lm_head.weight"] = (v, h)
+    return out
+
+
+def expected_hf_weights(model_dir: str) -> dict[str, tuple[int, ...]]:
+    """Names and shapes a sync into an engine serving ``model_dir`` may contain."""
+    p = Path(model_dir)
+    if list(p.glob("*.safetensors")):
+        return {n: tuple(s.shape) for n, s in SafetensorsFolderSource(p).manifest().items()}
+    return expected_from_config(json.loads((p / "config.json").read_text()))

@@ -1,0 +1,55 @@
+"""The vLLM backend's own options (``options:`` block of a config with ``backend: vllm``).
+
+Validated by pydantic when the backend is created; nothing here imports vLLM.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RayOptions(BaseModel):
+    """Where Ray actor replicas go (``parallel.replica_placement: ray``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = Field(None, description="ray.init address (None: start a local cluster)")
+    num_cpus_per_replica: float = Field(1.0, gt=0)
+    num_gpus_per_replica: float = Field(0.0, ge=0, description="set to TP size on GPU nodes")
+    init_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra ray.init arguments")
+
+
+class VLLMOptions(BaseModel):
+    """vLLM-specific knobs.
+
+    ``engine_args`` passes any other ``vllm.EngineArgs`` field through unchanged; names are
+    checked against the installed vLLM when the engine starts (unknown -> error with close
+    matches). Values given here win over the ones derived from the core config.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    enforce_eager: bool = Field(True, description="skip CUDA graphs / torch.compile (fast start)")
+    max_model_len: int | None = Field(None, ge=1, description="default: config.seq_length")
+    enable_prefix_caching: bool | None = None
+    enable_sleep_mode: bool | None = Field(None, description="default: on for GPUs, off on the CPU")
+    load_format: str | None = Field(None, description="e.g. 'dummy' for random weights from config.json only")
+    skip_tokenizer_init: bool = False
+    trust_remote_code: bool = False
+    in_process: bool | None = Field(
+        None,
+        description="run the engine core in this process (default: when TP*PP == 1 and one local replica)",
+    )
+    sync_transport: Literal["auto", "direct", "rpc", "group"] = Field(
+        "auto",
+        description=(
+            "how sync_weights moves tensors: direct (same process, zero copy), rpc (through "
+            "collective_rpc), group (own torch.distributed group with the workers); auto picks"
+        ),
+    )
+    sync_group_port: int | None = Field(None, ge=1, le=65535, description="port of the weight-sync group (default: free port)")
+    bucket_bytes: int | None = Field(256 << 20, ge=1, description="max bytes per weight-sync bucket")
+    ray: RayOptions = Field(default_factory=RayOptions)
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="pass-through vllm.EngineArgs fields")
+    use_tqdm: bool = False

@@ -1,0 +1,115 @@
+"""``sync_weights`` for the vLLM backend: validate everything, then move bytes by the cheapest
+path each replica allows, and time it.
+
+Paths (``SyncReport.path`` / ``transport``):
+
+* ``direct``: a :class:`~genbackends.weights.DirectWeightSource` writes shards straight into
+  the engine parameters through ``run_on_workers`` (GPUs; on the CPU the repacked linear
+  weights rule it out and the HF-named path below is used);
+* ``hf`` with transport ``inprocess``: HF-named tensors handed to ``reload_weights`` in the same
+  process (engine core in-process, or colocated ranks): no copy, no serialization;
+* ``hf`` / ``group``: worker processes receive the tensors over our own gloo group
+  (:mod:`genbackends_vllm.transport`) and ``reload_weights`` them;
+* ``hf`` / ``rpc``: tensors serialized through ``collective_rpc`` (simple, slower);
+* ``hf`` / ``ray``: tensors put once into Ray's object store, each actor replica loads in-process;
+* ``folder`` / ``reload_from_path``: a safetensors folder is read by the workers themselves.
+
+Validation (names and shapes against the engine's expected HF weights, float dtypes) runs before
+the first byte is written; a rejected sync raises :class:`WeightSyncError` and the engine keeps
+serving its old weights. The prefix cache is reset afterwards (its KV blocks came from the old
+weights).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from genbackends.errors import GenBackendsError, WeightSyncError
+from genbackends.weights import DirectWeightSource, PhaseTimer, SyncReport, as_weight_source, validate_manifest
+
+
+def _transport_for(backend: Any, replica: Any) -> str:
+    choice = backend.options.sync_transport
+    kind = getattr(replica, "transport_kind", lambda: "inprocess" if replica.in_process else "group")()
+    if choice in ("auto", "direct"):
+        return kind
+    if kind in ("inprocess", "ray"):
+        return kind  # nothing else makes sense for these
+    return choice
+
+
+def _check_dtypes(manifest: dict[str, Any]) -> None:
+    bad = [f"{n}: {s.dtype}" for n, s in manifest.items() if not s.dtype.is_floating_point]
+    if bad:
+        raise WeightSyncError(f"weight sync rejected, nothing written: non-float tensor(s) {', '.join(bad[:5])}")
+
+
+def sync_into(backend: Any, source: Any) -> SyncReport:
+    """Run one sync into every replica of ``backend``; returns the timed report."""
+    timer = PhaseTimer()
+    if isinstance(source, DirectWeightSource) and hasattr(source, "write_direct") and backend.supports_direct_writes():
+        with timer.phase("validate"):
+            source.validate_direct(backend)
+        with timer.phase("write"):
+            details = source.write_direct(backend) or {}
+        with timer.phase("reset_cache"):
+            for r in backend.replicas:
+                r.reset_prefix_cache()
+        return SyncReport(
+            path="direct",
+            transport="run_on_workers",
+            num_tensors=int(details.get("num_tensors", 0)),
+            bytes_moved=int(details.get("bytes_moved", 0)),
+            seconds=timer.total,
+            phases={**timer.phases, **{k: v for k, v in details.get("phases", {}).items()}},
+            details=details,
+        )
+
+    folder = source if isinstance(source, (str, os.PathLike)) else None
+    with timer.phase("validate"):
+        ws = as_weight_source(source)
+        manifest = ws.manifest()
+        validate_manifest(manifest, backend.expected_weights())
+        _check_dtypes(manifest)
+    nbytes = sum(s.nbytes for s in manifest.values())
+    transports = [_transport_for(backend, r) for r in backend.replicas]
+    path = "hf"
+    try:
+        if folder is not None and backend.options.sync_transport == "auto" and all(t != "ray" for t in transports):
+            # Every worker reads the files itself: no tensor crosses a process boundary.
+            path, transports = "folder", ["reload_from_path"] * len(backend.replicas)
+            with timer.phase("load"):
+                for r in backend.replicas:
+                    r.reload_from_path(str(Path(folder).resolve()))
+        else:
+            for bucket in ws.iter_buckets(backend.options.bucket_bytes):
+                with timer.phase("load"):
+                    for r, t in zip(backend.replicas, transports):
+                        r.load_bucket(bucket, t)
+    except GenBackendsError:
+        raise
+    except Exception as e:  # after validation: report honestly that the engine may be mixed
+        raise WeightSyncError(
+            f"weight sync failed while loading ({type(e).__name__}: {e}); the engine may hold a mix of old "
+            "and new weights: sync again or restart it"
+        ) from e
+    with timer.phase("reset_cache"):
+        for r in backend.replicas:
+            r.reset_prefix_cache()
+    return SyncReport(
+        path=path,
+        transport="+".join(sorted(set(transports))),
+        num_tensors=len(manifest),
+        bytes_moved=nbytes * len(backend.replicas),
+        seconds=timer.total,
+        phases=dict(timer.phases),
+        details={"replicas": len(backend.replicas), "transports": transports},
+    )
+
+
+def as_cpu_pairs(bucket: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """Detached tensors (kept on their device: in-process loads copy straight from them)."""
+    return [(n, t.detach()) for n, t in bucket]

@@ -1,0 +1,81 @@
+"""Our own weight-sync process group between the backend (rank 0) and vLLM's worker processes.
+
+Built straight from a ``TCPStore`` and ``ProcessGroupGloo`` (NCCL on GPUs would be the same
+shape), so it neither needs nor disturbs the global ``torch.distributed`` state of the trainer or
+of vLLM's workers. Rank 0 broadcasts each tensor; workers receive into fresh buffers and load
+them with ``reload_weights``. Used when the engine's workers live in other processes; the
+in-process path hands tensors over directly.
+"""
+from __future__ import annotations
+
+import datetime
+import socket
+from typing import Any
+
+import torch
+
+_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool)}
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def dtype_from_str(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+class SyncGroup:
+    """A gloo group of ``world_size`` ranks; rank 0 is the sender."""
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int, timeout_s: float = 300.0):
+        from torch.distributed import PrefixStore, TCPStore
+
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self.rank, self.world_size = rank, world_size
+        self.store = TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout, wait_for_workers=False)
+        self.pg = torch.distributed.ProcessGroupGloo(PrefixStore("genbackends_sync", self.store), rank, world_size, timeout)
+
+    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Broadcast ``tensor`` from rank 0 in place (contiguous CPU tensors)."""
+        opts = torch.distributed.BroadcastOptions()
+        opts.rootRank = 0
+        opts.rootTensor = 0
+        self.pg.broadcast([tensor], opts).wait()
+        return tensor
+
+    def close(self) -> None:
+        self.pg = None
+        self.store = None
+
+
+def to_wire(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor gloo can broadcast (bf16 is sent as raw int16 bits)."""
+    t = t.detach().contiguous().cpu()
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+
+
+def from_wire(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(receive buffer, tensor view of it in ``dtype``)."""
+    if dtype == torch.bfloat16:
+        buf = torch.empty(shape, dtype=torch.int16)
+        return buf, buf.view(torch.bfloat16)
+    buf = torch.empty(shape, dtype=dtype)
+    return buf, buf
+
+
+def meta_of(pairs: list[tuple[str, torch.Tensor]]) -> list[tuple[str, tuple[int, ...], str]]:
+    return [(n, tuple(t.shape), str(t.dtype)) for n, t in pairs]
+
+
+def receive_bucket(group: SyncGroup, meta: list[tuple[str, tuple[int, ...], str]]) -> list[tuple[str, Any]]:
+    """Worker side: receive one bucket announced by ``meta``."""
+    out = []
+    for name, shape, dtype in meta:
+        buf, view = from_wire(tuple(shape), dtype_from_str(dtype))
+        group.broadcast(buf)
+        out.append((name, view))
+    return out

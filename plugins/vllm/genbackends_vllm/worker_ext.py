@@ -1,0 +1,34 @@
+"""Methods mixed into every vLLM worker (``worker_extension_cls``) for weight sync over our own
+process group. Called by name through ``collective_rpc`` so no callable has to be pickled."""
+from __future__ import annotations
+
+from typing import Any
+
+from genbackends_vllm.transport import SyncGroup, receive_bucket
+
+
+class WeightSyncExtension:
+    """Worker-side half of :mod:`genbackends_vllm.transport` (``self`` is the vLLM worker)."""
+
+    def genbackends_sync_open(self, host: str, port: int, world_size: int) -> int:
+        """Join the sync group as rank ``1 + worker rank``; returns that rank."""
+        rank = 1 + int(self.rank)  # type: ignore[attr-defined]
+        self._genbackends_group = SyncGroup(host, port, rank, world_size)
+        return rank
+
+    def genbackends_sync_bucket(self, meta: list[tuple[str, tuple[int, ...], str]]) -> int:
+        """Receive one bucket from rank 0 and load it in place; returns tensors loaded."""
+        pairs = receive_bucket(self._genbackends_group, meta)
+        self.reload_weights(weights_iterator=pairs)  # type: ignore[attr-defined]
+        return len(pairs)
+
+    def genbackends_sync_close(self) -> None:
+        group = getattr(self, "_genbackends_group", None)
+        if group is not None:
+            group.close()
+        self._genbackends_group = None
+
+    def genbackends_param_layout(self) -> dict[str, Any]:
+        """Engine parameter names -> (shape, dtype string) of this worker."""
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        return {n: (tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()}
