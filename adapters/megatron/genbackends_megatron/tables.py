@@ -1,0 +1,102 @@
+"""Per-architecture knowledge as data: which Megatron parameter holds which HF tensors, and how.
+
+Each architecture is one :class:`ArchTable`: a list of :class:`Rule` rows read by the shared
+machinery in :mod:`genbackends_megatron.layout`. A rule names the Megatron parameter (local-spec
+spelling, ``{layer}`` for the stage-local layer index), the HF tensors it holds, the *kind* of
+layout (how rows/columns of the Megatron tensor map onto the HF tensors, see ``layout.KINDS``),
+where it lives (every layer, first stage, last stage) and an optional condition on the model
+dimensions (``qkv_bias``, ``qk_norm``, ``untied``).
+
+Transformer-Engine layer specs fuse the norms into the following linear layer; those spellings are
+``aliases`` of the local-spec name, so one table serves both specs.
+
+MoE (design, not yet executed: megatron's router needs CUDA): rules would gain an ``{expert}``
+placeholder, e.g. ``decoder.layers.{layer}.mlp.experts.local_experts.{expert}.linear_fc1.weight``
+-> ``model.layers.{layer}.mlp.experts.{expert}.{gate_proj,up_proj}.weight`` with kind ``gated``,
+plus ``mlp.router.weight`` -> ``mlp.gate.weight`` (kind ``replicated``); expert-parallel ranks
+would become one more coordinate of a shard's location next to (pp, vp, tp).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Stage = Literal["layer", "first", "last"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One Megatron parameter and the HF tensors it holds."""
+
+    megatron: str
+    kind: str
+    hf: tuple[str, ...]
+    stage: Stage = "layer"
+    when: str | None = None
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ArchTable:
+    """Mapping table of one architecture (HF ``model_type``)."""
+
+    arch: str
+    rules: tuple[Rule, ...]
+    # vLLM fuses some HF tensors into one parameter (its ``packed_modules_mapping``).
+    vllm_fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+_L = "decoder.layers.{layer}."
+_H = "model.layers.{layer}."
+
+_EMBED = Rule("embedding.word_embeddings.weight", "vocab", ("model.embed_tokens.weight",), stage="first")
+_FINAL_NORM = Rule("decoder.final_layernorm.weight", "replicated", ("model.norm.weight",), stage="last")
+_OUTPUT = Rule("output_layer.weight", "vocab", ("lm_head.weight",), stage="last", when="untied")
+_QKV = Rule(
+    _L + "self_attention.linear_qkv.weight", "qkv",
+    (_H + "self_attn.q_proj.weight", _H + "self_attn.k_proj.weight", _H + "self_attn.v_proj.weight"),
+)
+_QKV_BIAS = Rule(
+    _L + "self_attention.linear_qkv.bias", "qkv",
+    (_H + "self_attn.q_proj.bias", _H + "self_attn.k_proj.bias", _H + "self_attn.v_proj.bias"),
+    when="qkv_bias",
+)
+_PROJ = Rule(_L + "self_attention.linear_proj.weight", "row", (_H + "self_attn.o_proj.weight",))
+_IN_NORM = Rule(
+    _L + "input_layernorm.weight", "replicated", (_H + "input_layernorm.weight",),
+    aliases=(_L + "self_attention.linear_qkv.layer_norm_weight",),
+)
+_FC1 = Rule(_L + "mlp.linear_fc1.weight", "gated", (_H + "mlp.gate_proj.weight", _H + "mlp.up_proj.weight"))
+_FC2 = Rule(_L + "mlp.linear_fc2.weight", "row", (_H + "mlp.down_proj.weight",))
+_MLP_NORM = Rule(
+    _L + "pre_mlp_layernorm.weight", "replicated", (_H + "post_attention_layernorm.weight",),
+    aliases=(_L + "mlp.linear_fc1.layer_norm_weight",),
+)
+_Q_NORM = Rule(_L + "self_attention.q_layernorm.weight", "replicated", (_H + "self_attn.q_norm.weight",), when="qk_norm")
+_K_NORM = Rule(_L + "self_attention.k_layernorm.weight", "replicated", (_H + "self_attn.k_norm.weight",), when="qk_norm")
+
+_VLLM_FUSED = {
+    _H + "self_attn.qkv_proj.weight": (_H + "self_attn.q_proj.weight", _H + "self_attn.k_proj.weight", _H + "self_attn.v_proj.weight"),
+    _H + "self_attn.qkv_proj.bias": (_H + "self_attn.q_proj.bias", _H + "self_attn.k_proj.bias", _H + "self_attn.v_proj.bias"),
+    _H + "mlp.gate_up_proj.weight": (_H + "mlp.gate_proj.weight", _H + "mlp.up_proj.weight"),
+}
+
+LLAMA = ArchTable("llama", (_EMBED, _IN_NORM, _QKV, _PROJ, _MLP_NORM, _FC1, _FC2, _FINAL_NORM, _OUTPUT), _VLLM_FUSED)
+# Qwen2: QKV bias; tied embeddings (the `untied` condition drops output_layer).
+QWEN2 = ArchTable("qwen2", (_EMBED, _IN_NORM, _QKV, _QKV_BIAS, _PROJ, _MLP_NORM, _FC1, _FC2, _FINAL_NORM, _OUTPUT), _VLLM_FUSED)
+# Qwen3: per-head q/k RMSNorm before RoPE.
+QWEN3 = ArchTable(
+    "qwen3", (_EMBED, _IN_NORM, _QKV, _Q_NORM, _K_NORM, _PROJ, _MLP_NORM, _FC1, _FC2, _FINAL_NORM, _OUTPUT), _VLLM_FUSED
+)
+
+TABLES: dict[str, ArchTable] = {t.arch: t for t in (LLAMA, QWEN2, QWEN3)}
+
+
+def table_for(arch: str) -> ArchTable:
+    """The table of ``arch`` (HF ``model_type``); unknown names list the known ones."""
+    from genbackends.errors import WeightSyncError
+
+    try:
+        return TABLES[arch]
+    except KeyError:
+        raise WeightSyncError(f"no Megatron mapping table for architecture {arch!r}; known: {', '.join(TABLES)}") from None
