@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
 
 from genbackends.weights import SafetensorsFolderSource
 
@@ -54,3 +55,63 @@ def expected_hf_weights(model_dir: str) -> dict[str, tuple[int, ...]]:
     if list(p.glob("*.safetensors")):
         return {n: tuple(s.shape) for n, s in SafetensorsFolderSource(p).manifest().items()}
     return expected_from_config(json.loads((p / "config.json").read_text()))
+
+
+# HF tensors vLLM stores in one fused module (its ``packed_modules_mapping`` for Llama-like
+# models). A live reload processes each module once all its elements arrived; a module that got
+# only some of them would be repacked with stale parts, so members travel and validate together.
+_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+
+def fusion_key(name: str) -> str:
+    """The engine module an HF tensor lands in (``model.layers.0.self_attn.qkv_proj`` for
+    ``...q_proj.weight``); unfused tensors map to their own module."""
+    module, _, _leaf = name.rpartition(".")
+    parent, _, last = module.rpartition(".")
+    fused = _FUSED.get(last)
+    return f"{parent}.{fused}" if fused else module
+
+
+def check_fused_groups(names: Iterable[str], expected: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """Problems where a sync holds only part of a fused module (e.g. q_proj without k_proj)."""
+    members: dict[str, set[str]] = {}
+    for n in expected:
+        members.setdefault(fusion_key(n), set()).add(n)
+    have: dict[str, set[str]] = {}
+    for n in names:
+        have.setdefault(fusion_key(n), set()).add(n)
+    problems = []
+    for key, got in have.items():
+        missing = members.get(key, set()) - got
+        if missing:
+            problems.append(f"{key} is fused in the engine: {sorted(missing)} must be synced with {sorted(got)}")
+    return problems
+
+
+def fused_buckets(
+    pairs: Iterator[tuple[str, Any]], manifest: Mapping[str, Any], bucket_bytes: int | None
+) -> Iterator[list[tuple[str, Any]]]:
+    """Re-bucket a stream of tensors so no fused module is split across buckets."""
+    want: dict[str, int] = {}
+    for n in manifest:
+        k = fusion_key(n)
+        want[k] = want.get(k, 0) + 1
+    pending: dict[str, list[tuple[str, Any]]] = {}
+    bucket: list[tuple[str, Any]] = []
+    size = 0
+    for name, t in pairs:
+        k = fusion_key(name)
+        pending.setdefault(k, []).append((name, t))
+        if len(pending[k]) < want[k]:
+            continue
+        unit = pending.pop(k)
+        nbytes = sum(x.numel() * x.element_size() for _, x in unit)
+        if bucket and bucket_bytes and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.extend(unit)
+        size += nbytes
+    for unit in pending.values():  # cannot happen after validation; never drop tensors
+        bucket.extend(unit)
+    if bucket:
+        yield bucket

@@ -30,6 +30,8 @@ import torch
 from genbackends.errors import GenBackendsError, WeightSyncError
 from genbackends.weights import DirectWeightSource, PhaseTimer, SyncReport, as_weight_source, validate_manifest
 
+from genbackends_vllm.hf_layout import check_fused_groups, fused_buckets
+
 
 def _transport_for(backend: Any, replica: Any) -> str:
     choice = backend.options.sync_transport
@@ -72,8 +74,12 @@ def sync_into(backend: Any, source: Any) -> SyncReport:
     with timer.phase("validate"):
         ws = as_weight_source(source)
         manifest = ws.manifest()
-        validate_manifest(manifest, backend.expected_weights())
+        expected = backend.expected_weights()
+        validate_manifest(manifest, expected)
         _check_dtypes(manifest)
+        fused = check_fused_groups(manifest, expected)
+        if fused:
+            raise WeightSyncError("weight sync rejected, nothing written: " + "; ".join(fused[:3]))
     nbytes = sum(s.nbytes for s in manifest.values())
     transports = [_transport_for(backend, r) for r in backend.replicas]
     path = "hf"
@@ -85,7 +91,8 @@ def sync_into(backend: Any, source: Any) -> SyncReport:
                 for r in backend.replicas:
                     r.reload_from_path(str(Path(folder).resolve()))
         else:
-            for bucket in ws.iter_buckets(backend.options.bucket_bytes):
+            stream = (p for b in ws.iter_buckets(backend.options.bucket_bytes) for p in b)
+            for bucket in fused_buckets(stream, manifest, backend.options.bucket_bytes):
                 with timer.phase("load"):
                     for r, t in zip(backend.replicas, transports):
                         r.load_bucket(bucket, t)
