@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+import subprocess
 from typing import Callable
 
 import pytest
@@ -69,3 +70,60 @@ def tiny_llama_alt(tiny_model_factory: Callable[..., Path]) -> Path:
     """Same shape as ``tiny_llama`` with different weights (seed 1): a sync target that changes
     outputs."""
     return tiny_model_factory("llama", 1)
+
+
+# ---- out-of-tree plugin distributions and the CLI in a subprocess ------------------------------
+FIXTURE_PLUGINS = {"echo": "echo_plugin", "broken": "broken_plugin", "dup": "dup_plugin"}
+# Plugins the CLI tests load: the built-ins and the test distributions (keeps the tests
+# independent of whatever else is installed in the environment).
+TEST_ALLOW = "hf,vllm,megatron,echo,broken,echo-copy"
+
+
+@pytest.fixture(scope="session")
+def plugin_sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The test plugin distributions under tests/fixtures/, each pip-installed (a real wheel
+    build, real dist-info with entry points) into its own target folder: ``{"echo": Path, ...}``.
+    Put a folder on ``sys.path``/``PYTHONPATH`` to "install" that distribution."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("plugin_sites")
+    sites: dict[str, Path] = {}
+    procs = []
+    for key, folder in FIXTURE_PLUGINS.items():
+        src = root / f"src_{key}"
+        shutil.copytree(_REPO / "tests" / "fixtures" / folder, src)  # keep build debris out of the repo
+        sites[key] = root / f"site_{key}"
+        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+               "--no-index", "--target", str(sites[key]), str(src)]
+        procs.append((key, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+    for key, p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, f"pip install of test plugin {key} failed:\n{out}"
+    return sites
+
+
+@pytest.fixture(scope="session")
+def run_cli(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., subprocess.CompletedProcess]:
+    """``run_cli(*args, sites=(), env=None, cwd=None, timeout=300)`` runs the ``genbackends``
+    console script in a subprocess with the given plugin sites on ``PYTHONPATH``."""
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).with_name("genbackends")
+    base = [str(script)] if script.exists() else [sys.executable, "-m", "genbackends.cli"]
+    default_cwd = tmp_path_factory.mktemp("cli_cwd")
+
+    def run(*args: str, sites=(), env=None, cwd=None, timeout: int = 300):
+        e = dict(os.environ)
+        e.pop("PYTHONPATH", None)
+        e["GENBACKENDS_PLUGINS"] = TEST_ALLOW
+        if sites:
+            e["PYTHONPATH"] = os.pathsep.join(str(s) for s in sites)
+        e.update(env or {})
+        return subprocess.run(
+            [*base, *map(str, args)], capture_output=True, text=True, env=e, cwd=str(cwd or default_cwd), timeout=timeout
+        )
+
+    return run
