@@ -48,6 +48,9 @@ class VLLMBackend(GenerationBackend):
         self.options: VLLMOptions
         if config.sampling.use_beam_search and config.sampling.prompt_logprobs is not None:
             raise ConfigError("sampling.prompt_logprobs: not available with sampling.use_beam_search (vLLM's beam search does not return them)")
+        from genbackends_vllm.sampling import check_greedy_n
+
+        check_greedy_n(config)
         self.replicas: list[Any] = []
         self.tokenizer: Any = None
         self.legacy_knobs: dict[str, str] = {}

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from genbackends.config import GenConfig, SamplingConfig
+from genbackends.errors import ConfigError
 
 from genbackends_vllm import compat
 
@@ -38,6 +39,20 @@ def stop_token_ids(stops: Sequence[str], tokenizer: Any) -> list[int]:
     return ids
 
 
+def check_greedy_n(config: GenConfig) -> None:
+    """vLLM refuses ``n > 1`` with greedy sampling (all completions would be the same): fail at
+    creation, naming the knobs, rather than at the first generate."""
+    s = config.sampling
+    if s.use_beam_search or s.n == 1:
+        return
+    for mode, field in ((False, "temperature"), (True, "eval_temperature")):
+        if s.resolved(mode).temperature == 0:
+            raise ConfigError(
+                f"sampling.n: n={s.n} needs sampling.{field} > 0 (greedy decoding gives one completion); "
+                "use n: 1 or use_beam_search"
+            )
+
+
 def sampling_params(
     config: GenConfig, prompt_lens: Sequence[int], eval_mode: bool, tokenizer: Any = None
 ) -> list[Any]:
@@ -45,6 +60,7 @@ def sampling_params(
     ``new_token_limit`` is false)."""
     from vllm import SamplingParams
 
+    check_greedy_n(config)
     s: SamplingConfig = config.sampling.resolved(eval_mode)
     stops = s.stop_strings
     common = dict(
