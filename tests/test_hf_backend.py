@@ -81,7 +81,7 @@ def test_greedy_batched_matches_float64_loop(arch, tiny_model_factory, tiny_llam
         assert max(abs(a - e) for a, e in zip(r.logprobs, lps)) < 1e-4
         assert r.cumulative_logprob == pytest.approx(sum(lps), abs=1e-3)
         assert r.finish_reason == "length" and r.index == 0
-        assert r.text == b.tokenizer.decode(toks, skip_special_tokens=True)
+        assert r.text == b.tokenizer.decode(toks, skip_special_tokens=True).rstrip("\ufffd")
     if b is not llama:
         b.shutdown()
 

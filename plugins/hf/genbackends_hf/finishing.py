@@ -6,7 +6,10 @@ vLLM's semantics, which the HF backend reproduces so both give the same records:
   in ``text`` (special tokens are skipped when decoding); ``finish_reason="stop"``;
 * a stop string ends the completion at the token that completes it; that token stays in
   ``token_ids``, ``text`` is cut just before the stop string; ``finish_reason="stop"``;
-* reaching the row's token limit gives ``finish_reason="length"``.
+* reaching the row's token limit gives ``finish_reason="length"``;
+* trailing bytes of an unfinished UTF-8 character are left out of ``text`` (vLLM's incremental
+  detokenizer holds them back waiting for the next token, which never comes), where a plain
+  ``decode`` would show them as U+FFFD.
 """
 from __future__ import annotations
 
@@ -60,8 +63,13 @@ def finish_row(
                 return Finish(i + 1, "stop", text[: hit[0]], hit[1])
         if not ignore_eos and t in eos_ids:
             # vLLM leaves stop_reason None for EOS (it names stop strings and stop token ids)
-            return Finish(i + 1, "stop", tokenizer.decode(tokens[: i + 1], skip_special_tokens=True))
-    return Finish(len(tokens), "length", tokenizer.decode(tokens, skip_special_tokens=True))
+            return Finish(i + 1, "stop", final_text(tokenizer, tokens[: i + 1]))
+    return Finish(len(tokens), "length", final_text(tokenizer, tokens))
+
+
+def final_text(tokenizer: Any, tokens: Sequence[int]) -> str:
+    """Decoded completion text without the U+FFFD of an incomplete trailing UTF-8 sequence."""
+    return tokenizer.decode(list(tokens), skip_special_tokens=True).rstrip("\ufffd")
 
 
 class RowStopper:
