@@ -90,6 +90,8 @@ class VLLMBackend(GenerationBackend):
             if par.data_parallel_size > 1 and in_process:
                 raise ConfigError("options.vllm.in_process: several local replicas need engine-core processes (set it false)")
             engines = [LocalEngine(kwargs, in_process=in_process) for _ in range(par.data_parallel_size)]
+            for k, e in enumerate(engines):
+                e.sync_port = opt.sync_group_port + k if opt.sync_group_port else None
             try:
                 for e in engines:
                     e.start()

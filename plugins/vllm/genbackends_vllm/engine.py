@@ -162,7 +162,10 @@ class LocalEngine:
             if transport == "inprocess":
                 self.reload_weights([(n, t.detach()) for n, t in pairs])
             elif transport == "rpc":
-                self.reload_weights([(n, t.detach().contiguous().cpu()) for n, t in pairs])
+                # Tensors do not survive vLLM's RPC encoding as tensors: send raw bytes.
+                from genbackends_vllm.transport import pack_bytes
+
+                self.collective_rpc("genbackends_reload_packed", args=(pack_bytes(pairs),))
             elif transport == "group":
                 self._send_over_group(pairs)
             else:

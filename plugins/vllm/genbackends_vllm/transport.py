@@ -79,3 +79,19 @@ def receive_bucket(group: SyncGroup, meta: list[tuple[str, tuple[int, ...], str]
         group.broadcast(buf)
         out.append((name, view))
     return out
+
+
+def pack_bytes(pairs: list[tuple[str, torch.Tensor]]) -> list[tuple[str, tuple[int, ...], str, bytes]]:
+    """(name, shape, dtype, raw bytes) per tensor: survives any RPC encoding."""
+    return [(n, tuple(t.shape), str(t.dtype), to_wire(t).numpy().tobytes()) for n, t in pairs]
+
+
+def unpack_bytes(packed: list[Any]) -> list[tuple[str, torch.Tensor]]:
+    """Inverse of :func:`pack_bytes`."""
+    out = []
+    for name, shape, dtype, raw in packed:
+        buf, view = from_wire(tuple(shape), dtype_from_str(dtype))
+        if buf.numel():
+            buf.view(-1).copy_(torch.frombuffer(bytearray(raw), dtype=buf.dtype))
+        out.append((name, view))
+    return out

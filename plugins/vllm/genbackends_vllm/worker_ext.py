@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from genbackends_vllm.transport import SyncGroup, receive_bucket
+from genbackends_vllm.transport import SyncGroup, receive_bucket, unpack_bytes
 
 
 class WeightSyncExtension:
@@ -19,6 +19,12 @@ class WeightSyncExtension:
     def genbackends_sync_bucket(self, meta: list[tuple[str, tuple[int, ...], str]]) -> int:
         """Receive one bucket from rank 0 and load it in place; returns tensors loaded."""
         pairs = receive_bucket(self._genbackends_group, meta)
+        self.reload_weights(weights_iterator=pairs)  # type: ignore[attr-defined]
+        return len(pairs)
+
+    def genbackends_reload_packed(self, packed: list[Any]) -> int:
+        """Load tensors sent as raw bytes through ``collective_rpc`` (the ``rpc`` transport)."""
+        pairs = unpack_bytes(packed)
         self.reload_weights(weights_iterator=pairs)  # type: ignore[attr-defined]
         return len(pairs)
 
