@@ -23,10 +23,10 @@ class SamplingConfig(_Strict):
 
     n: int = Field(1, ge=1, description="completions per prompt (beam width with use_beam_search)")
     ignore_eos: bool = Field(False, description="keep generating past the EOS token")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling: keep the smallest token set with this much probability")
     top_k: int = Field(-1, description="-1 considers all tokens")
     temperature: float = Field(1.0, ge=0.0, description="0 means greedy")
-    use_beam_search: bool = False
+    use_beam_search: bool = Field(False, description="beam search with beam width n (deterministic; temperature ignored)")
     eval_temperature: float | None = Field(None, ge=0.0, description="temperature in eval mode (default: temperature)")
     eval_top_k: int | None = Field(None, description="top_k in eval mode (default: top_k)")
     eval_top_p: float | None = Field(None, gt=0.0, le=1.0, description="top_p in eval mode (default: top_p)")
@@ -34,10 +34,10 @@ class SamplingConfig(_Strict):
     new_token_limit: bool = Field(
         True, description="true: stop at max_new_tokens; false: fill up to seq_length minus the prompt"
     )
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int = Field(64, ge=1, description="response token cap (with new_token_limit); max_prompt_length = seq_length - max_new_tokens")
     prompt_logprobs: int | None = Field(None, ge=0, description="None skips prompt logprob computation")
     logprobs: int = Field(0, ge=0, description="extra top-k logprobs per sampled token (the sampled one is always returned)")
-    seed: int | None = None
+    seed: int | None = Field(None, description="sampling seed (None: not reproducible)")
 
     @field_validator("top_k", "eval_top_k")
     @classmethod
@@ -70,20 +70,20 @@ class SamplingConfig(_Strict):
 class SchedulerConfig(_Strict):
     """Batch scheduling limits."""
 
-    max_num_batched_tokens: int | None = Field(None, ge=1)
+    max_num_batched_tokens: int | None = Field(None, ge=1, description="tokens per engine step (vLLM); None: engine default")
     max_paddings: int | None = Field(
         None, ge=0, description="accepted for ChatLearn configs; vLLM's V1 engine no longer uses it (logged)"
     )
-    max_num_seqs: int | None = Field(None, ge=1)
+    max_num_seqs: int | None = Field(None, ge=1, description="sequences per engine step (vLLM) / rows per generate call (hf); None: engine default")
 
 
 class CacheConfig(_Strict):
     """KV-cache sizing."""
 
     block_size: int | None = Field(None, ge=1, description="tokens per KV-cache block")
-    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="fraction of accelerator memory the engine may use")
     swap_space: float | None = Field(None, ge=0, description="GiB of host swap (not used by vLLM V1; logged)")
-    sliding_window: int | None = Field(None, ge=1)
+    sliding_window: int | None = Field(None, ge=1, description="attention window override (vLLM takes it from the model config; logged)")
     kv_cache_memory_bytes: int | None = Field(
         None, ge=1, description="KV cache size in bytes; on the CPU this replaces gpu_memory_utilization"
     )
@@ -92,8 +92,8 @@ class CacheConfig(_Strict):
 class ParallelConfig(_Strict):
     """How the engine is spread over devices and processes."""
 
-    tensor_parallel_size: int = Field(1, ge=1)
-    pipeline_parallel_size: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1, description="engine tensor-parallel ranks")
+    pipeline_parallel_size: int = Field(1, ge=1, description="engine pipeline stages")
     data_parallel_size: int = Field(1, ge=1, description="engine replicas behind one backend")
     executor: Literal["auto", "mp", "uni", "ray", "external_launcher"] = Field(
         "auto", description="'external_launcher' is the colocated mode (engine inside trainer ranks)"
@@ -120,12 +120,12 @@ class PromptConfig(_Strict):
 class GenConfig(_Strict):
     """The whole config of one generation backend."""
 
-    backend: str = Field(..., min_length=1)
+    backend: str = Field(..., min_length=1, description="registered backend name (`genbackends backends` lists them)")
     model: str = Field(..., min_length=1, description="HF-format model folder")
     tokenizer: str | None = Field(None, description="tokenizer folder (default: model)")
     seq_length: int = Field(..., ge=2, description="prompt + response token budget")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights/activations dtype; auto: as saved")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available (backends that run one engine per platform may ignore it)")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
