@@ -107,8 +107,10 @@ class VLLMBackend(GenerationBackend):
     def _load_tokenizer(self) -> Any:
         if self.options.skip_tokenizer_init:
             return None
+        from genbackends_vllm.engine import LocalEngine
+
         first = self.replicas[0]
-        if hasattr(first, "tokenizer") and getattr(first, "in_process", None) is not None:
+        if isinstance(first, LocalEngine):
             return first.tokenizer()
         from transformers import AutoTokenizer
 
@@ -122,6 +124,10 @@ class VLLMBackend(GenerationBackend):
                 r.shutdown()
             except Exception as e:  # keep shutting the others down
                 compat.logger.warning("replica shutdown failed: %s", e)
+        if self.config.parallel.replica_placement == "ray":
+            from genbackends_vllm.ray_replicas import shutdown_ray_if_started
+
+            shutdown_ray_if_started()
         self._mark_shutdown()
 
     # ---- the four jobs ---------------------------------------------------------------------

@@ -94,8 +94,9 @@ def sync_into(backend: Any, source: Any) -> SyncReport:
             stream = (p for b in ws.iter_buckets(backend.options.bucket_bytes) for p in b)
             for bucket in fused_buckets(stream, manifest, backend.options.bucket_bytes):
                 with timer.phase("load"):
+                    shared = _put_once(bucket) if "ray" in transports else None
                     for r, t in zip(backend.replicas, transports):
-                        r.load_bucket(bucket, t)
+                        r.load_bucket(shared if t == "ray" else bucket, t)
     except GenBackendsError:
         raise
     except Exception as e:  # after validation: report honestly that the engine may be mixed
@@ -115,6 +116,13 @@ def sync_into(backend: Any, source: Any) -> SyncReport:
         phases=dict(timer.phases),
         details={"replicas": len(backend.replicas), "transports": transports},
     )
+
+
+def _put_once(bucket: list[tuple[str, torch.Tensor]]) -> Any:
+    """One copy of the bucket in Ray's object store, read by every actor replica."""
+    import ray
+
+    return ray.put([(n, t.detach().cpu()) for n, t in bucket])
 
 
 def as_cpu_pairs(bucket: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
