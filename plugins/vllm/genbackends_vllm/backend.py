@@ -217,15 +217,20 @@ class VLLMBackend(GenerationBackend):
         (not on the CPU, where linear weights are repacked after loading)."""
         return compat.direct_load_supported()
 
-    def sync_weights(self, source: Any) -> SyncReport:
+    def sync_weights(self, source: Any, *, path: str = "auto") -> SyncReport:
         """Load new weights into every replica (see the module docstring of
-        :mod:`genbackends_vllm.sync` for the paths). Validated before any byte is written."""
+        :mod:`genbackends_vllm.sync` for the paths). Validated before any byte is written.
+
+        ``path="hf"`` makes a :class:`DirectWeightSource` go through its HF-named tensors even
+        where direct writes are possible; ``"direct"`` requires the direct path."""
         self._require_ready()
         from genbackends_vllm.sync import sync_into
 
         if self._asleep is not None and self._asleep_tags_missing("weights"):
             raise BackendStateError("sync_weights while the weights are asleep: call wake_up(['weights']) first")
-        report = sync_into(self, source)
+        if path not in ("auto", "direct", "hf"):
+            raise ConfigError(f"sync_weights path must be 'auto', 'direct' or 'hf', got {path!r}")
+        report = sync_into(self, source, path=path)
         self._emit("genbackends_on_after_sync", backend=self, report=report)
         return report
 

@@ -55,6 +55,12 @@ def _call_with_model(worker: Any, fn: Callable[..., Any], args: tuple, kwargs: d
     return fn(compat.worker_model(worker), compat.worker_tp_rank(worker), *args, **kwargs)
 
 
+def _load_weights(model: Any, tp_rank: int, pairs: list[tuple[str, Any]]) -> int:
+    # Each weight's own weight_loader cuts this rank's TP shard from the full HF tensor.
+    model.load_weights(iter(pairs))
+    return len(pairs)
+
+
 def _param_layout(model: Any, tp_rank: int) -> dict[str, tuple[tuple[int, ...], Any]]:
     return {n: (tuple(p.shape), p.dtype) for n, p in model.named_parameters()}
 
@@ -153,14 +159,20 @@ class LocalEngine:
         self.collective_rpc("reload_weights", kwargs={"weights_iterator": pairs})
 
     def transport_kind(self) -> str:
-        """Default weight transport: hand-off in this process, or our own group to workers."""
-        return "inprocess" if self.in_process else "group"
+        """Default weight transport: in this process ``load_weights`` straight into the live model
+        where the platform allows a second load (GPUs: a copy per tensor), else the in-place
+        ``reload_weights``; worker processes: our own group."""
+        if not self.in_process:
+            return "group"
+        return "direct_load" if compat.direct_load_supported() else "inprocess"
 
     def load_bucket(self, pairs: list[tuple[str, Any]], transport: str) -> None:
         """Load one bucket of HF-named tensors into every worker by ``transport``."""
         with self.lock:
             if transport == "inprocess":
                 self.reload_weights([(n, t.detach()) for n, t in pairs])
+            elif transport == "direct_load":
+                self.run_on_workers(_load_weights, [(n, t.detach()) for n, t in pairs])
             elif transport == "rpc":
                 # Tensors do not survive vLLM's RPC encoding as tensors: send raw bytes.
                 from genbackends_vllm.transport import pack_bytes

