@@ -49,11 +49,18 @@ def cmd_config(args: argparse.Namespace) -> int:
     """Print the resolved, validated config (includes merged, overrides applied) as YAML."""
     from genbackends.config_loader import config_to_yaml, load_config
 
-    cfg = load_config(args.config, args.set or [])
-    if args.check_options:
-        from genbackends.registry import get_registry
+    from genbackends.registry import get_registry
 
-        get_registry(allow=cfg.plugins).create_backend(cfg)  # validates the options block
+    cfg = load_config(args.config, args.set or [])
+    reg = get_registry(allow=cfg.plugins)
+    reg.backend_class(cfg.backend)  # an unknown backend is an error listing the available ones
+    # Every options block of an installed backend is checked by that backend's model, so a
+    # typo in `options.vllm` shows up even while `backend: hf` is selected.
+    for name in cfg.options:
+        if name in reg.backends and name not in reg.conflicts:
+            cfg.backend_options(reg.backends[name].cls.options_model, name)
+        else:
+            print(f"{PROG}: warning: options.{name}: no backend {name!r} is installed; block not checked", file=sys.stderr)
     sys.stdout.write(config_to_yaml(cfg))
     return 0
 
@@ -149,10 +156,8 @@ def build_parser(registry: Any = None) -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("config", help="print the resolved, validated config")
+    p = sub.add_parser("config", help="print the resolved, validated config (options blocks included)")
     _add_config_args(p)
-    p.add_argument("--check-options", action="store_true",
-                   help="also validate the selected backend's options block (loads its plugin)")
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("tiny-model", help="write a tiny test model folder (no network)")

@@ -112,3 +112,21 @@ def test_generate_hf_from_config(run_cli, tiny_llama, tmp_path):
         assert r["token_ids"] == ref[0, ids.shape[1]:].tolist()
         assert r["prompt_token_ids"] == ids[0].tolist() and r["finish_reason"] == "length"
         assert len(r["logprobs"]) == 6 and abs(sum(r["logprobs"]) - r["cumulative_logprob"]) < 1e-5
+
+
+def test_config_command_checks_every_installed_backends_options(run_cli, tmp_path):
+    cfg = _write(tmp_path / "c.yaml", """
+        backend: hf
+        model: m
+        seq_length: 64
+        sampling: {max_new_tokens: 8}
+        options:
+          hf: {attn_implementation: eager}
+          vllm: {enforce_eagr: true}
+          someday: {x: 1}
+        """)
+    proc = run_cli("config", cfg)
+    assert proc.returncode == 1 and "options.vllm.enforce_eagr: Extra inputs are not permitted (got True)" in proc.stderr
+    proc = run_cli("config", cfg, "--set", "options.vllm.enforce_eagr=null", "--set", "options.vllm={}")
+    assert proc.returncode == 0, proc.stderr
+    assert "options.someday: no backend 'someday' is installed; block not checked" in proc.stderr

@@ -199,7 +199,7 @@ def test_eos_stops_unless_ignored_after_sync(tiny_llama, llama, ref64):
     m = f64_model(tiny_llama, {"lm_head.weight": head})
     toks, lps = ref_greedy(m, r.prompt_token_ids, 8, eos=eos)
     assert toks[-1] == eos and len(toks) < 8  # the reference does stop early
-    assert r.token_ids == toks and r.finish_reason == "stop" and r.extra == {}
+    assert r.token_ids == toks and r.finish_reason == "stop" and r.extra == {"stop_reason": None}
     assert max(abs(a - e) for a, e in zip(r.logprobs, lps)) < 1e-4
     b.config.sampling.ignore_eos = True
     r2 = b.generate([PROMPTS[0]])[0]
@@ -278,3 +278,32 @@ def test_token_id_prompts_sleep_wake_and_shutdown(tiny_llama, llama):
     b.shutdown()
     with pytest.raises(BackendStateError, match="was shut down"):
         b.generate(["x"])
+
+
+def test_top_logprobs_when_asked(tiny_llama, ref64):
+    """logprobs: k and prompt_logprobs: k add vLLM-shaped top-k dicts (the chosen token always in)."""
+    b = make_backend(tiny_llama, sampling={"logprobs": 3, "prompt_logprobs": 2, "max_new_tokens": 4})
+    r = b.generate([PROMPTS[0]])[0]
+    tops, ptops = r.extra["top_logprobs"], r.extra["prompt_top_logprobs"]
+    assert len(tops) == 4 and ptops[0] is None and len(ptops) == len(r.prompt_token_ids)
+    ids = r.prompt_token_ids + r.token_ids
+    with torch.no_grad():
+        lp = torch.log_softmax(ref64(torch.tensor([ids])).logits[0], -1)
+    for step, d in enumerate(tops):
+        pos = len(r.prompt_token_ids) - 1 + step
+        ref_top = lp[pos].topk(3)
+        assert set(d) == set(ref_top.indices.tolist()) | {r.token_ids[step]}
+        for t, v in d.items():
+            assert v == pytest.approx(float(lp[pos, t]), abs=1e-4)
+    for pos in range(1, len(r.prompt_token_ids)):
+        assert set(ptops[pos]) == set(lp[pos - 1].topk(2).indices.tolist()) | {r.prompt_token_ids[pos]}
+    b.shutdown()
+
+
+def test_hf_rejects_parallel_settings(tiny_llama):
+    from genbackends.errors import ConfigError
+
+    cfg = load_config(base={"backend": "hf", "model": str(tiny_llama), "seq_length": 64,
+                            "sampling": {"max_new_tokens": 4}, "parallel": {"tensor_parallel_size": 2}})
+    with pytest.raises(ConfigError, match=r"parallel.tensor_parallel_size: the hf backend runs one model in one process \(got 2\)"):
+        Registry(allow=["hf"]).create_backend(cfg)

@@ -14,6 +14,7 @@ vLLM's output semantics so records from both backends compare field by field:
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
@@ -54,6 +55,7 @@ class HFCompletion:
     token_ids: list[int]
     logprobs: list[float]
     finish: Finish
+    top_logprobs: list[dict[int, float]] | None = None  # with sampling.logprobs > 0
 
 
 @dataclass
@@ -65,6 +67,7 @@ class HFPromptOutput:
     prompt_token_ids: list[int]
     completions: list[HFCompletion] = field(default_factory=list)
     prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None  # with prompt_logprobs > 0
 
 
 class HFBackend(GenerationBackend):
@@ -75,6 +78,7 @@ class HFBackend(GenerationBackend):
 
     def __init__(self, config: Any, hooks: Any = None):
         super().__init__(config, hooks)
+        _check_config(config)
         self.model: Any = None
         self.tokenizer: Any = None
         self.device = torch.device("cpu")
@@ -185,9 +189,11 @@ class HFBackend(GenerationBackend):
         else:
             self._sample(outputs, sp)
         if sp.prompt_logprobs is not None:
-            scored = self._score([o.prompt_token_ids for o in outputs])
-            for o, lp in zip(outputs, scored):
+            scored, tops = self._score([o.prompt_token_ids for o in outputs], top_k=sp.prompt_logprobs)
+            for o, lp, top in zip(outputs, scored, tops):
                 o.prompt_logprobs = [None, *lp]
+                if sp.prompt_logprobs:
+                    o.prompt_top_logprobs = [None, *top]
         return outputs
 
     def decode_internal(self, batched_outputs: Sequence[HFPromptOutput]) -> list[GenerationRecord]:
@@ -195,6 +201,12 @@ class HFBackend(GenerationBackend):
         records = []
         for p_idx, out in enumerate(batched_outputs):
             for c_idx, c in enumerate(out.completions):
+                # the same extra keys as the vLLM backend where transformers has the information
+                extra: dict[str, Any] = {"stop_reason": c.finish.stop_reason}
+                if c.top_logprobs is not None:
+                    extra["top_logprobs"] = c.top_logprobs
+                if out.prompt_top_logprobs is not None:
+                    extra["prompt_top_logprobs"] = out.prompt_top_logprobs
                 records.append(
                     GenerationRecord(
                         request_id=out.request_id,
@@ -208,7 +220,7 @@ class HFBackend(GenerationBackend):
                         finish_reason=c.finish.reason,
                         prompt_logprobs=list(out.prompt_logprobs) if out.prompt_logprobs is not None else None,
                         prompt_index=p_idx,
-                        extra={"stop_reason": c.finish.stop_reason} if c.finish.stop_reason is not None else {},
+                        extra=extra,
                     )
                 )
         return records
@@ -336,9 +348,11 @@ class HFBackend(GenerationBackend):
             if steps:
                 logits = torch.stack(res.logits, dim=1).float()
                 chosen = res.sequences[:, ids.shape[1] : ids.shape[1] + steps]
-                lps = torch.log_softmax(logits, dim=-1).gather(-1, chosen.unsqueeze(-1)).squeeze(-1).tolist()
+                logp = torch.log_softmax(logits, dim=-1)
+                lps = logp.gather(-1, chosen.unsqueeze(-1)).squeeze(-1).tolist()
+                tops = _top_dicts(logp, chosen, sp.logprobs) if sp.logprobs else None
             else:
-                lps = [[] for _ in chunk]
+                lps, tops = [[] for _ in chunk], None
             for k, j in enumerate(chunk):
                 fin = finish_row(
                     gen[k],
@@ -349,7 +363,8 @@ class HFBackend(GenerationBackend):
                     stops=sp.stop_strings,
                 )
                 outputs[rows[j][0]].completions.append(
-                    HFCompletion(gen[k][: fin.length], lps[k][: fin.length], fin)
+                    HFCompletion(gen[k][: fin.length], lps[k][: fin.length], fin,
+                                 tops[k][: fin.length] if tops is not None else None)
                 )
 
     def _beam_search(self, outputs: list[HFPromptOutput], sp: Any) -> None:
@@ -365,18 +380,22 @@ class HFBackend(GenerationBackend):
             for seq in res.sequences[:, ids.shape[1] :].tolist():
                 fin = finish_row(seq, self.tokenizer, limit=limit, eos_ids=self._eos_ids, ignore_eos=sp.ignore_eos, stops=sp.stop_strings)
                 beams.append((seq[: fin.length], fin))
-            scored = self._score([o.prompt_token_ids + b[0] for b in beams])
+            scored, tops = self._score([o.prompt_token_ids + b[0] for b in beams], top_k=sp.logprobs)
             p = len(o.prompt_token_ids)
-            for (toks, fin), lp in zip(beams, scored):
-                o.completions.append(HFCompletion(toks, lp[p - 1 :], fin))
+            for (toks, fin), lp, top in zip(beams, scored, tops):
+                o.completions.append(HFCompletion(toks, lp[p - 1 :], fin, top[p - 1 :] if sp.logprobs else None))
 
-    def _score(self, seqs: Sequence[Sequence[int]]) -> list[list[float]]:
-        """Log-probs of tokens 1.. of each sequence under the model (raw log-softmax, fp32).
+    def _score(
+        self, seqs: Sequence[Sequence[int]], top_k: int | None = 0
+    ) -> tuple[list[list[float]], list[list[dict[int, float]]]]:
+        """Log-probs of tokens 1.. of each sequence under the model (raw log-softmax, fp32), and
+        with ``top_k`` the top-k alternatives per position (else empty lists).
 
         Right padding: real tokens keep positions 0..len-1, and causal attention means the
         trailing pads never influence them.
         """
         out: list[list[float]] = []
+        out_top: list[list[dict[int, float]]] = []
         for chunk in self._chunks(len(seqs)):
             rows = [list(seqs[j]) for j in chunk]
             width = max(len(r) for r in rows)
@@ -388,10 +407,64 @@ class HFBackend(GenerationBackend):
             ids, mask = ids.to(self.device), mask.to(self.device)
             with torch.no_grad():
                 logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
-            lp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            lp = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            tops = _top_dicts(logp, ids[:, 1:], top_k) if top_k else None
             for i, r in enumerate(rows):
                 out.append(lp[i, : len(r) - 1].tolist())
-        return out
+                out_top.append(tops[i][: len(r) - 1] if tops is not None else [])
+        return out, out_top
+
+
+# Engine knobs transformers has no counterpart for: accepted (one config serves every backend),
+# reported once per backend when set, never silently dropped.
+_UNUSED_BY_HF = {
+    "scheduler": ("max_num_batched_tokens", "max_paddings"),
+    "cache": ("block_size", "gpu_memory_utilization", "swap_space", "sliding_window", "kv_cache_memory_bytes"),
+}
+
+
+def _check_config(config: Any) -> None:
+    """Reject what the HF backend cannot do; log the engine knobs it does not use."""
+    par = config.parallel
+    for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+        if getattr(par, name) != 1:
+            raise ConfigError(
+                f"parallel.{name}: the hf backend runs one model in one process (got {getattr(par, name)}); "
+                "set it to 1 or use backend: vllm"
+            )
+    if par.executor not in ("auto", "uni") or par.replica_placement != "local":
+        raise ConfigError(
+            f"parallel.executor={par.executor!r}, parallel.replica_placement={par.replica_placement!r}: "
+            "the hf backend supports only executor auto/uni with local placement"
+        )
+    unused = [
+        f"{section}.{knob}={getattr(getattr(config, section), knob)!r}"
+        for section, knobs in _UNUSED_BY_HF.items()
+        for knob in knobs
+        if knob in getattr(config, section).model_fields_set
+    ]
+    if unused:
+        logging.getLogger("genbackends.hf").info(
+            "the hf backend does not use these engine settings (they size vLLM's scheduler and KV cache): %s",
+            ", ".join(unused),
+        )
+
+
+def _top_dicts(logp: torch.Tensor, chosen: torch.Tensor, k: int) -> list[list[dict[int, float]]]:
+    """Per row and step: the ``k`` most likely tokens and the chosen one -> logprob (vLLM's
+    shape of ``logprobs=k``)."""
+    vals, idx = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    picked = logp.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
+    rows = []
+    for r in range(logp.shape[0]):
+        steps = []
+        for t in range(logp.shape[1]):
+            d = {int(i): float(v) for i, v in zip(idx[r, t].tolist(), vals[r, t].tolist())}
+            d.setdefault(int(chosen[r, t]), float(picked[r, t]))
+            steps.append(d)
+        rows.append(steps)
+    return rows
 
 
 def _eos_ids(tokenizer: Any, model: Any) -> set[int]:
