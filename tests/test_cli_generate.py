@@ -130,3 +130,14 @@ def test_config_command_checks_every_installed_backends_options(run_cli, tmp_pat
     proc = run_cli("config", cfg, "--set", "options.vllm.enforce_eagr=null", "--set", "options.vllm={}")
     assert proc.returncode == 0, proc.stderr
     assert "options.someday: no backend 'someday' is installed; block not checked" in proc.stderr
+
+
+def test_tiny_model_command(tmp_path, capsys):
+    """In-process (the command is a thin wrapper over genbackends.tiny): a loadable folder."""
+    from genbackends.cli import main
+
+    assert main(["tiny-model", str(tmp_path / "q3"), "--arch", "qwen3", "--seed", "2"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "q3")
+    cfg = json.loads((tmp_path / "q3" / "config.json").read_text())
+    assert cfg["model_type"] == "qwen3" and cfg["head_dim"] == 64
+    assert (tmp_path / "q3" / "model.safetensors").exists() and (tmp_path / "q3" / "tokenizer.json").exists()
