@@ -162,6 +162,20 @@ class GenConfig(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _greedy_n(self) -> "GenConfig":
+        # vLLM refuses n > 1 with greedy sampling (the completions would all be equal); every
+        # backend follows, so one config behaves the same on all of them.
+        s = self.sampling
+        if s.n > 1 and not s.use_beam_search:
+            for eval_mode, name in ((False, "temperature"), (True, "eval_temperature")):
+                if s.resolved(eval_mode).temperature == 0:
+                    raise ValueError(
+                        f"sampling.n: n={s.n} needs sampling.{name} > 0 (greedy decoding gives one "
+                        "completion); use n: 1 or use_beam_search"
+                    )
+        return self
+
     @property
     def max_prompt_length(self) -> int:
         """Tokens a prompt may keep: ``seq_length - max_new_tokens`` (always > 0 once validated)."""

@@ -184,3 +184,10 @@ def test_top_level_must_be_mapping(tmp_path):
     top = _write(tmp_path / "a.yaml", "- 1\n- 2\n")
     with pytest.raises(ConfigError, match="top level of a config must be a mapping"):
         load_config(top)
+
+
+def test_greedy_with_n_above_1_rejected(tmp_path):
+    top = _write(tmp_path / "a.yaml", BASE)
+    with pytest.raises(ConfigError, match=r"sampling.n: n=2 needs sampling.temperature > 0"):
+        load_config(top, ["sampling.temperature=0", "sampling.n=2"])
+    assert load_config(top, ["sampling.temperature=0", "sampling.n=2", "sampling.use_beam_search=true"]).sampling.n == 2

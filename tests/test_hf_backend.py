@@ -96,15 +96,23 @@ def test_prompt_logprobs_match_float64(tiny_llama, ref64):
     b.shutdown()
 
 
-def test_n_greedy_gives_n_equal_records(llama):
-    llama.config.sampling.n = 3
-    try:
-        recs = llama.generate(PROMPTS[:2])
-    finally:
-        llama.config.sampling.n = 1
+def test_n_completions_per_prompt(tiny_llama):
+    b = make_backend(tiny_llama, sampling={"n": 3, "temperature": 1.0, "seed": 5})
+    recs = b.generate(PROMPTS[:2])
     assert [(r.prompt_index, r.index) for r in recs] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
-    assert recs[0].token_ids == recs[1].token_ids == recs[2].token_ids
+    assert len({tuple(r.token_ids) for r in recs[:3]}) > 1  # independent samples
     assert len({r.request_id for r in recs}) == 2
+    b.shutdown()
+
+
+def test_greedy_n_above_1_is_a_config_error(tiny_llama):
+    """As vLLM refuses it: greedy decoding has one completion."""
+    from genbackends.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"sampling.n: n=3 needs sampling.temperature > 0"):
+        make_backend(tiny_llama, sampling={"n": 3})
+    with pytest.raises(ConfigError, match=r"sampling.n: n=2 needs sampling.eval_temperature > 0"):
+        make_backend(tiny_llama, sampling={"n": 2, "temperature": 1.0, "eval_temperature": 0.0})
 
 
 def test_sampling_follows_temperature_distribution_and_returns_raw_logprobs(tiny_llama, ref64):

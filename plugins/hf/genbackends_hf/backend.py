@@ -6,8 +6,8 @@ vLLM's output semantics so records from both backends compare field by field:
 * ``logprobs`` are log-softmax of the model's **raw** logits (before temperature, top-k, top-p),
   like vLLM's default ``logprobs_mode="raw_logprobs"``; they come from the very logits the token
   was sampled from (``output_logits``), not from a second forward pass;
-* ``temperature: 0`` is greedy; ``n > 1`` repeats each prompt ``n`` times (greedy n > 1 then gives
-  n equal completions, as vLLM does);
+* ``temperature: 0`` is greedy; ``n > 1`` repeats each prompt ``n`` times and samples each row
+  independently (greedy with ``n > 1`` is a config error, as in vLLM);
 * EOS / stop strings / token limits end a completion as :mod:`genbackends_hf.finishing` says;
 * beam search (``use_beam_search``) uses ``generate(num_beams=n)``; its per-token logprobs are
   computed by one forward pass over each returned beam.
@@ -328,7 +328,7 @@ class HFBackend(GenerationBackend):
     def _sample(self, outputs: list[HFPromptOutput], sp: Any) -> None:
         from transformers import StoppingCriteriaList
 
-        # Rows: prompt-major, n completions each (greedy n > 1 gives n equal rows, as vLLM).
+        # Rows: prompt-major, n completions each, sampled independently.
         rows = [(i, o.prompt_token_ids) for i, o in enumerate(outputs) for _ in range(sp.n)]
         limits = self._limits([len(r) for _, r in rows], sp)
         for chunk in self._chunks(len(rows)):
