@@ -68,7 +68,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     """Run a backend on prompts and write one JSON record per completion."""
     from genbackends.config_loader import load_config
-    from genbackends.prompts import check_prompts, load_prompts
+    from genbackends.prompts import check_prompts, read_prompt_file
     from genbackends.registry import get_registry
 
     cfg = load_config(args.config, args.set or [])
@@ -78,7 +78,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompt:
         prompts = list(args.prompt)
     elif args.prompts or cfg.prompts.file:
-        prompts = load_prompts(str(args.prompts or cfg.prompts.file))
+        prompts = read_prompt_file(args.prompts or cfg.prompts.file)  # any suffix: text unless .jsonl
     else:
         raise GenBackendsError("no prompts: pass --prompts FILE, --prompt TEXT or set prompts.file in the config")
     check_prompts(prompts)

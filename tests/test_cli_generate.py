@@ -141,3 +141,12 @@ def test_tiny_model_command(tmp_path, capsys):
     cfg = json.loads((tmp_path / "q3" / "config.json").read_text())
     assert cfg["model_type"] == "qwen3" and cfg["head_dim"] == 64
     assert (tmp_path / "q3" / "model.safetensors").exists() and (tmp_path / "q3" / "tokenizer.json").exists()
+
+
+def test_prompts_file_from_config_any_suffix(run_cli, plugin_sites, tmp_path):
+    (tmp_path / "prompts.md").write_text("abc\nxyz\n")
+    cfg = _write(tmp_path / "e.yaml", f"backend: echo\nmodel: none\nseq_length: 128\nprompts: {{file: {tmp_path / 'prompts.md'}}}\n")
+    proc = run_cli("generate", cfg, "-q", sites=[plugin_sites["echo"]])
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line)["text"] for line in proc.stdout.splitlines()] == ["cba", "zyx"]
+    assert "generate [echo]" not in proc.stderr  # -q: no progress bar
