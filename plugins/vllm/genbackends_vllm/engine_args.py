@@ -104,6 +104,10 @@ def build_engine_kwargs(config: GenConfig, options: VLLMOptions, *, executor: st
         kw["enable_sleep_mode"] = True
     if options.load_format:
         kw["load_format"] = options.load_format
+    if config.parallel.pipeline_parallel_size > 1:
+        reason = compat.pipeline_parallel_unsupported()
+        if reason:
+            raise ConfigError(f"parallel.pipeline_parallel_size: {config.parallel.pipeline_parallel_size} cannot run here: {reason}")
     chosen = executor or config.parallel.executor
     if chosen != "auto":
         reason = compat.supports_executor(chosen)
