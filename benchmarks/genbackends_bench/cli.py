@@ -34,7 +34,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     except GenBackendsError as e:
         print(f"genbackends bench: {e}", file=sys.stderr)
         return 2
-    command = "genbackends bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 else None
+    command = _command_line(args)
     out = run_bench(cfg, Path(args.results) if args.results else None,
                     config_text=Path(args.config).read_text(), command=command,
                     log=lambda s: print(s, file=sys.stderr, flush=True))
@@ -42,6 +42,20 @@ def run_from_args(args: argparse.Namespace) -> int:
     print(f"results written to {out}/results.{{json,md,png}}", file=sys.stderr)
     failed = [r for r in __import__("json").loads((out / "results.json").read_text())["rows"] if "error" in r]
     return 1 if failed else 0
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The equivalent ``genbackends bench`` command, recorded in the results."""
+    parts = ["genbackends", "bench", args.config]
+    if args.backends:
+        parts += ["--backends", args.backends]
+    for o in args.overrides:
+        parts += ["--set", o]
+    if args.name:
+        parts += ["--name", args.name]
+    if args.results:
+        parts += ["--results", args.results]
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -84,3 +84,21 @@ def num_parameters(model_dir: Path) -> int:
     per_layer = attn + 3 * h * i + 2 * h
     head = 0 if cfg.get("tie_word_embeddings") else v * h
     return v * h + L * per_layer + h + head
+
+
+def materialize_weights(model_dir: Path, out: Path, dtype: str) -> Path:
+    """A copy of a weightless model folder with random safetensors weights (for backends that
+    cannot initialise randomly from ``config.json``). Config and tokenizer files are symlinked."""
+    import torch
+
+    from genbackends_bench.sync_sources import hf_tensors, write_safetensors
+
+    if (out / "config.json").exists() and list(out.glob("*.safetensors")):
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    for f in model_dir.iterdir():
+        if f.is_file() and not (out / f.name).exists():
+            (out / f.name).symlink_to(f.resolve())
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    write_safetensors(hf_tensors(model_dir, "cpu", torch_dtype), out)
+    return out

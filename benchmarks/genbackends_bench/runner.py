@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from genbackends_bench.config import RAW_VLLM, BenchConfig, set_dotted
 from genbackends_bench.measure import machine_info
-from genbackends_bench.models import num_parameters, prepare_model
+from genbackends_bench.models import materialize_weights, num_parameters, prepare_model
 from genbackends_bench.workload import make_prompts
 
 DEFAULT_RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -41,11 +41,30 @@ def gen_config_for(cfg: BenchConfig, backend: str, model_dir: Path) -> dict[str,
                   **({"kv_cache_memory_bytes": e.kv_cache_memory_bytes} if e.kv_cache_memory_bytes else {})},
         "parallel": {"tensor_parallel_size": e.tensor_parallel_size},
         "prompts": {"batch_size": w.batch_size} if w.batch_size else {},
-        "options": copy.deepcopy(cfg.options.get(backend, {})),
+        # GenConfig.options is keyed by backend name; only the selected backend's block is validated
+        "options": {backend: copy.deepcopy(cfg.options.get(backend, {}))},
     }
+    fields = backend_option_fields(backend)
+    block = gen["options"][backend]
+    # Engine knobs the backend declares in its own options model get the bench's values (so our
+    # vLLM backend and raw vLLM start identical engines), unless the config sets them itself.
+    if "enforce_eager" in fields:
+        block.setdefault("enforce_eager", e.enforce_eager)
+    if "load_format" in fields and cfg.load_format == "dummy":
+        block.setdefault("load_format", "dummy")
     for key, value in cfg.overrides.get(backend, {}).items():
         set_dotted(gen, key, value)
     return gen
+
+
+def backend_option_fields(backend: str) -> set[str]:
+    """Field names of a registered backend's options model (empty if it is not registered)."""
+    from genbackends.registry import get_registry
+
+    reg = get_registry()
+    if backend not in reg.backends:
+        return set()
+    return set(getattr(reg.backends[backend].cls, "options_model").model_fields)
 
 
 def worker_spec(cfg: BenchConfig, backend: str, model_dir: Path, prompts: list[dict[str, Any]],
@@ -151,12 +170,18 @@ def run_bench(cfg: BenchConfig, results_dir: Path | None = None, config_text: st
         t0 = time.perf_counter()
         model_dir = prepare_model(cfg.model, scratch / "models", seed=cfg.seed, dtype=cfg.dtype)
         prompts = make_prompts(model_dir, cfg.workload.num_prompts, cfg.workload.prompt_tokens, cfg.seed)
-        log(f"bench {cfg.name}: model {cfg.model} ({num_parameters(model_dir) / 1e6:.1f}M params) ready in "
+        n_params = num_parameters(model_dir)
+        log(f"bench {cfg.name}: model {cfg.model} ({n_params / 1e6:.1f}M params) ready in "
             f"{time.perf_counter() - t0:.1f}s; rows: {', '.join(cfg.backends)}")
         env = _worker_env(cfg)
         rows = []
         for i, backend in enumerate(cfg.backends):
-            spec = worker_spec(cfg, backend, model_dir, prompts, scratch, i)
+            row_model = model_dir
+            if cfg.load_format == "dummy" and backend != RAW_VLLM and "load_format" not in backend_option_fields(backend):
+                # A backend that cannot start from config.json alone gets random weights on disk.
+                log(f"  {backend}: no load_format option; writing random weights for it")
+                row_model = materialize_weights(model_dir, scratch / "models" / f"{model_dir.name}-weights", cfg.dtype)
+            spec = worker_spec(cfg, backend, row_model, prompts, scratch, i)
             rows.append(run_worker(spec, scratch, env, cfg.worker_timeout_s, log))
         logs = {p.stem: p.read_text()[-4000:] for p in scratch.glob("*.log")}
     result = {
@@ -166,7 +191,7 @@ def run_bench(cfg: BenchConfig, results_dir: Path | None = None, config_text: st
         "machine": machine_info(cfg.device),
         "config": cfg.model_dump(),
         "config_text": config_text,
-        "model": {"spec": cfg.model, "parameters": num_parameters(model_dir)},
+        "model": {"spec": cfg.model, "parameters": n_params},
         "rows": rows,
         "ratios": compute_ratios(rows, cfg.baseline),
     }
