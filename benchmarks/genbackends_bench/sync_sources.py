@@ -108,25 +108,28 @@ class MegatronSide:
 
     def __init__(self, model_dir: Path, device: str, dtype: torch.dtype, port: int):
         self.model_dir, self.device, self.dtype, self.port = model_dir, device, dtype, port
-        self.model: Any = None
+        self.side: Any = None
         self.error: str | None = None
+        self.build_s: float | None = None
 
     def build(self) -> bool:
-        if self.model is not None or self.error is not None:
+        if self.side is not None or self.error is not None:
             return self.error is None
+        t0 = time.perf_counter()
         try:
             from genbackends_bench import megatron_glue
 
-            self.model = megatron_glue.build_single_rank_model(self.model_dir, self.device, self.dtype, self.port)
+            self.side = megatron_glue.build_single_rank_model(self.model_dir, self.device, self.dtype, self.port)
         except Exception as e:  # recorded in the results as the reason the row is missing
-            self.error = f"{type(e).__name__}: {e}"
+            self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        self.build_s = time.perf_counter() - t0
         return self.error is None
 
     def source(self, path: str, bucket_bytes: int | None) -> Any:
         from genbackends_bench import megatron_glue
 
-        return megatron_glue.make_source(self.model, self.model_dir, path, bucket_bytes)
+        return megatron_glue.make_source(self.side, path, bucket_bytes)
 
     def manifest_tensors(self) -> list[torch.Tensor]:
         """The trainer-side parameter tensors (the bytes a sync starts from)."""
-        return [p.detach() for p in self.model.parameters()]
+        return [p.detach() for p in self.side.parameters()]

@@ -91,8 +91,9 @@ class RegistryRow:
         return sum(len(b["input_ids"]) for b in batch), out
 
     def sync(self, source: Any) -> dict[str, Any]:
-        report = self.backend.sync_weights(source)
-        return report.to_dict()
+        from genbackends_bench.megatron_glue import sync_call
+
+        return sync_call(self.backend, source).to_dict()
 
     def sleep(self, level: int) -> None:
         self.backend.sleep(level=level)

@@ -1,0 +1,79 @@
+"""The Megatron side of the sync benchmarks: a single-process (world size 1, TP 1) megatron-core
+GPTModel matching the model folder, built with the Megatron adapter's own builder, and the
+adapter's weight source over it."""
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class BenchMegatron:
+    """The built model and the adapter source (reused across repeats: building the plan is part
+    of setup, not of each sync)."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self._source: Any = None
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [p for c in self.model.chunks for p in c.parameters()]
+
+    def source(self, bucket_bytes: int | None) -> Any:
+        if self._source is None:
+            from genbackends_megatron import make_source
+
+            self._source = make_source(self.model, engine_ranks=(0,), bucket_bytes=bucket_bytes)
+        return self._source
+
+
+def build_single_rank_model(model_dir: Path, device: str, dtype: torch.dtype, port: int) -> BenchMegatron:
+    """World size 1 (gloo on the CPU, NCCL on GPUs), TP 1; the folder's weights if it has any
+    (else megatron's random init: timing does not depend on values)."""
+    import torch.distributed as dist
+
+    from genbackends_megatron.model_builder import build_model, init_parallel, load_hf_weights
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    if not dist.is_initialized():
+        dist.init_process_group("gloo" if device == "cpu" else "nccl", rank=0, world_size=1)
+    init_parallel(tp=1, pp=1)
+    model = build_model(str(model_dir), dtype=dtype, init_parallel_state=False)
+    if list(model_dir.glob("*.safetensors")):
+        load_hf_weights(model, str(model_dir))
+    if device == "cuda":
+        for c in model.chunks:
+            c.cuda()
+    return BenchMegatron(model)
+
+
+def make_source(side: BenchMegatron, path: str, bucket_bytes: int | None) -> Any:
+    """What the timed ``sync_weights`` call receives for ``megatron-<path>``."""
+    return _PathSource(side.source(bucket_bytes), path)
+
+
+class _PathSource:
+    """Marks which adapter path a bench sync asks for; :func:`sync_call` unwraps it."""
+
+    def __init__(self, source: Any, path: str):
+        self.source, self.path = source, path
+
+
+def sync_call(backend: Any, source: Any) -> Any:
+    """``backend.sync_weights`` with the path a :class:`_PathSource` asks for: ``direct``
+    (plan writes into engine parameters; an error where the backend cannot) or ``universal``
+    (HF-named tensors). Backends whose ``sync_weights`` takes no ``path`` only have the latter."""
+    if not isinstance(source, _PathSource):
+        return backend.sync_weights(source)
+    takes_path = "path" in inspect.signature(backend.sync_weights).parameters
+    if source.path == "direct":
+        if not takes_path:
+            raise NotImplementedError(f"backend {backend.name!r} has no direct sync path")
+        return backend.sync_weights(source.source, path="direct")
+    return backend.sync_weights(source.source, path="hf") if takes_path else backend.sync_weights(source.source)
