@@ -1,0 +1,157 @@
+"""The benchmark harness on the tiny model with real engines: our vLLM backend, the HF backend
+and raw ``vllm.LLM.generate``, each in its own worker process, plus config validation and the
+pure ratio arithmetic."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from genbackends.errors import ConfigError
+from genbackends_bench.config import load_bench_config
+from genbackends_bench.runner import compute_ratios
+
+NUM_PROMPTS, PROMPT_TOKENS, NEW_TOKENS = 6, 12, 8
+
+
+@pytest.fixture(scope="module")
+def bench_result(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, str]:
+    tmp = tmp_path_factory.mktemp("bench")
+    cfg = {
+        "name": "test-tiny",
+        "model": "tiny:llama",
+        "workload": {"num_prompts": NUM_PROMPTS, "prompt_tokens": PROMPT_TOKENS, "max_new_tokens": NEW_TOKENS,
+                     "batch_size": 3},
+        "runs": 2, "warmup": 1,
+        "engine": {"kv_cache_memory_bytes": 32 << 20},
+        "backends": ["vllm", "hf", "raw-vllm"],
+        "sync": {"paths": ["tensors", "safetensors", "megatron-universal"], "repeats": 2},
+        "sleep_wake": {"levels": [1]},
+    }
+    path = tmp / "bench.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run(
+        [sys.executable, "-m", "genbackends_bench", str(path), "--results", str(tmp / "results")],
+        capture_output=True, text=True, timeout=300,
+    )
+    out = tmp / "results" / "test-tiny"
+    assert (out / "results.json").exists(), proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads((out / "results.json").read_text()), out, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_every_row_ran_the_same_work(bench_result: tuple[dict, Path, str]) -> None:
+    res, _, log = bench_result
+    rows = {r["backend"]: r for r in res["rows"]}
+    assert set(rows) == {"vllm", "hf", "raw-vllm"}
+    for name, r in rows.items():
+        assert "error" not in r, (name, r.get("error"), r.get("traceback", "")[-1500:], log[-2000:])
+        # ignore_eos: every prompt gets exactly NEW_TOKENS per run (counted from the outputs)
+        assert r["output_tokens"] == NUM_PROMPTS * NEW_TOKENS, name
+        assert r["prompt_tokens"] == NUM_PROMPTS * PROMPT_TOKENS, name
+        assert r["num_batches"] == 2 and len(r["runs_s"]) == 2
+        assert r["output_tokens_per_s"] == pytest.approx(r["output_tokens"] / r["run_s_median"])
+        assert r["total_tokens_per_s"] > r["output_tokens_per_s"] > 0
+        assert 0 < r["batch_latency_s_median"] <= r["batch_latency_s_max"]
+        assert r["start_s"] > 0
+        assert r["memory_peak"]["peak_rss_bytes"] > 100 << 20
+        assert r["sleep_wake"][0]["level"] == 1 and "sleep_s" in r["sleep_wake"][0]
+
+
+@pytest.mark.slow
+def test_sync_rows_and_copy_floor(bench_result: tuple[dict, Path, str], tiny_llama: Path) -> None:
+    from safetensors import safe_open
+
+    res, _, _ = bench_result
+    rows = {r["backend"]: r for r in res["rows"]}
+    with safe_open(str(tiny_llama / "model.safetensors"), framework="pt") as fh:  # the same model, built again
+        ckpt = sum(_prod(fh.get_slice(k).get_shape()) for k in fh.keys()) * 4  # fp32
+    for name in ("vllm", "hf"):
+        paths = {s["path"]: s for s in rows[name]["sync"]}
+        assert set(paths) == {"tensors", "safetensors", "megatron-universal"}, name
+        for p, s in paths.items():
+            assert "error" not in s, (name, p, s)
+            assert s["bytes_moved"] == ckpt, (name, p)
+            assert s["seconds_median"] > 0 and s["copy_floor_s"] > 0
+            assert s["ratio_to_copy_floor"] == pytest.approx(s["seconds_median"] / s["copy_floor_s"])
+    raw = rows["raw-vllm"]["sync"]
+    assert raw[0]["path"] == "raw-reload_weights" and raw[0]["bytes_moved"] == ckpt
+
+
+def _prod(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+@pytest.mark.slow
+def test_results_files_name_machine_and_versions(bench_result: tuple[dict, Path, str]) -> None:
+    res, out, _ = bench_result
+    m = res["machine"]
+    assert m["hostname"] and m["cpu_model"] and m["cpu_cores"] >= 1 and m["card"] == "cpu"
+    for dist in ("torch", "vllm", "transformers", "megatron-core", "genbackends"):
+        assert m["versions"][dist], dist
+    assert res["config"]["workload"]["num_prompts"] == NUM_PROMPTS
+    md = (out / "results.md").read_text()
+    for needle in ("| vllm |", "| hf |", "| raw-vllm |", "copy floor", "## Sleep / wake", "vllm / raw-vllm"):
+        assert needle in md, needle
+    png = (out / "results.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    import matplotlib.image
+
+    assert matplotlib.image.imread(str(out / "results.png")).shape[0] > 200
+    r = res["ratios"]
+    rows = {x["backend"]: x for x in res["rows"]}
+    assert r["throughput_vs_raw-vllm"]["vllm"] == pytest.approx(
+        rows["vllm"]["output_tokens_per_s"] / rows["raw-vllm"]["output_tokens_per_s"])
+    assert r["throughput_vllm_vs_hf"] == pytest.approx(
+        rows["vllm"]["output_tokens_per_s"] / rows["hf"]["output_tokens_per_s"])
+
+
+def test_config_errors_are_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nworkload: {num_prompts: 0}\n")
+    with pytest.raises(ConfigError, match=r"workload\.num_prompts.*got 0"):
+        load_bench_config(bad)
+    bad.write_text("name: x\nmodel: 'synthetic:llama-1b'\n")
+    with pytest.raises(ConfigError, match="load_format: dummy"):
+        load_bench_config(bad)
+    bad.write_text("name: x\nseq_length: 10\n")
+    with pytest.raises(ConfigError, match="seq_length 10"):
+        load_bench_config(bad)
+    bad.write_text("name: x\nworkload: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_bench_config(bad)
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("name: x\n")
+    cfg = load_bench_config(ok, {"workload.max_new_tokens": 5, "backends": ["hf"]})
+    assert cfg.workload.max_new_tokens == 5 and cfg.backends == ["hf"] and cfg.seq_length == 32 + 5
+
+
+def test_ratio_arithmetic() -> None:
+    rows = [
+        {"backend": "vllm", "output_tokens_per_s": 90.0, "start_s": 4.0,
+         "sync": [{"path": "tensors", "ratio_to_copy_floor": 2.5}, {"path": "x", "error": "e"}]},
+        {"backend": "raw-vllm", "output_tokens_per_s": 100.0, "start_s": 2.0, "sync": []},
+        {"backend": "hf", "output_tokens_per_s": 10.0, "start_s": 1.0},
+        {"backend": "broken", "error": "boom"},
+    ]
+    r = compute_ratios(rows, "raw-vllm")
+    assert r["throughput_vs_raw-vllm"] == {"vllm": 0.9, "raw-vllm": 1.0, "hf": 0.1}
+    assert r["start_vs_raw-vllm"]["vllm"] == 2.0
+    assert r["throughput_vllm_vs_hf"] == 9.0 and r["throughput_raw_vllm_vs_hf"] == 10.0
+    assert r["sync_vs_copy_floor"] == {"vllm:tensors": 2.5}
+
+
+def test_bench_cli_registered_through_entry_point() -> None:
+    proc = subprocess.run([sys.executable, "-c", "from genbackends.cli import main; main(['bench', '--help'])"],
+                          capture_output=True, text=True, timeout=60)
+    assert "--backends" in proc.stdout, proc.stderr[-1000:]
+    proc = subprocess.run([sys.executable, "-c", "from genbackends.cli import main; main(['demo', '--help'])"],
+                          capture_output=True, text=True, timeout=60)
+    assert "--backend" in proc.stdout, proc.stderr[-1000:]
