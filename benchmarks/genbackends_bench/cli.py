@@ -16,6 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a bench config field (dotted path), e.g. --set workload.num_prompts=8")
     p.add_argument("--results", help="results root (default: benchmarks/results); a folder <name>/ is written")
     p.add_argument("--name", help="results folder name (default: the config's name)")
+    p.add_argument("--append", action="store_true",
+                   help="keep rows of an existing results.json for backends this run does not measure")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -37,7 +39,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     command = _command_line(args)
     out = run_bench(cfg, Path(args.results) if args.results else None,
                     config_text=Path(args.config).read_text(), command=command,
-                    log=lambda s: print(s, file=sys.stderr, flush=True))
+                    log=lambda s: print(s, file=sys.stderr, flush=True), append=args.append)
     print((out / "results.md").read_text())
     print(f"results written to {out}/results.{{json,md,png}}", file=sys.stderr)
     failed = [r for r in __import__("json").loads((out / "results.json").read_text())["rows"] if "error" in r]
@@ -55,6 +57,8 @@ def _command_line(args: argparse.Namespace) -> str:
         parts += ["--name", args.name]
     if args.results:
         parts += ["--results", args.results]
+    if args.append:
+        parts.append("--append")
     return " ".join(shlex.quote(p) for p in parts)
 
 

@@ -39,8 +39,12 @@ def markdown(result: dict[str, Any]) -> str:
         f"{w['batch_size'] or w['num_prompts']}; {cfg['warmup']} warm-up run(s) excluded, median of {cfg['runs']} runs",
         f"- started {result['started']}",
     ]
-    if result.get("command"):
-        lines.append(f"- command: `{result['command']}`")
+    for c in result.get("commands") or [result.get("command")]:
+        if c:
+            lines.append(f"- command: `{c}`")
+    earlier = sorted({r["earlier_run"] for r in result["rows"] if r.get("earlier_run")})
+    if earlier:
+        lines.append(f"- rows marked * come from an earlier command on this machine (started {', '.join(earlier)})")
     lines += ["", "## Generation", "",
               f"| backend | start s | out tok/s | total tok/s | batch latency s (median / max) | peak RSS MiB | peak device MiB | out tok/s vs {base} |",
               "|---|---|---|---|---|---|---|---|"]
@@ -50,8 +54,9 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {r['backend']} | error: {r['error'][:120]} | | | | | | |")
             continue
         mem = r.get("memory_peak") or r.get("memory_after_generate") or {}
+        star = "*" if r.get("earlier_run") else ""
         lines.append(
-            f"| {r['backend']} | {_f(r.get('start_s'))} | {_f(r.get('output_tokens_per_s'), '{:,.1f}')} | "
+            f"| {r['backend']}{star} | {_f(r.get('start_s'))} | {_f(r.get('output_tokens_per_s'), '{:,.1f}')} | "
             f"{_f(r.get('total_tokens_per_s'), '{:,.1f}')} | {_f(r.get('batch_latency_s_median'))} / "
             f"{_f(r.get('batch_latency_s_max'))} | {_mib(mem.get('peak_rss_bytes'))} | {_mib(mem.get('peak_device_bytes'))} | "
             f"{_f(ratios.get(r['backend']), '{:.3f}')} |"
@@ -81,10 +86,12 @@ def markdown(result: dict[str, Any]) -> str:
     rt = result["ratios"]
     lines += ["", "## Ratios (same run)", ""]
     for name, val in rt.get("throughput_vs_" + base, {}).items():
+        if name == base:
+            continue
         lines.append(f"- output tokens/s, {name} / {base}: {_f(val, '{:.3f}')}")
-    for key in ("throughput_vllm_vs_hf", "throughput_raw_vllm_vs_hf"):
+    for key, label in (("throughput_vllm_vs_hf", "vllm / hf"), ("throughput_raw_vllm_vs_hf", "raw-vllm / hf")):
         if key in rt:
-            lines.append(f"- output tokens/s, {key.split('_', 1)[1].replace('_vs_', ' / ')}: {_f(rt[key], '{:.2f}')}")
+            lines.append(f"- output tokens/s, {label}: {_f(rt[key], '{:.2f}')}")
     for name, val in rt.get("sync_vs_copy_floor", {}).items():
         lines.append(f"- sync time / copy floor, {name}: {_f(val, '{:.1f}')}")
     return "\n".join(lines) + "\n"

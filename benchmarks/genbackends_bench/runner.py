@@ -157,9 +157,13 @@ def compute_ratios(rows: list[dict[str, Any]], baseline: str) -> dict[str, Any]:
 
 
 def run_bench(cfg: BenchConfig, results_dir: Path | None = None, config_text: str | None = None,
-              command: str | None = None, log: Callable[[str], None] = print) -> Path:
+              command: str | None = None, log: Callable[[str], None] = print, append: bool = False) -> Path:
     """Run every row of ``cfg`` and write ``results.json``, ``results.md`` and ``results.png`` under
-    ``results_dir/<cfg.name>/``; returns that folder."""
+    ``results_dir/<cfg.name>/``; returns that folder.
+
+    ``append``: keep the rows of an earlier ``results.json`` in that folder whose backends this run
+    does not measure (for splitting one comparison over several commands on the same machine when
+    one command would run too long); such rows are marked ``"earlier_run": <its start time>``."""
     from genbackends_bench.report import write_results
 
     out_dir = (results_dir or DEFAULT_RESULTS) / cfg.name
@@ -184,8 +188,18 @@ def run_bench(cfg: BenchConfig, results_dir: Path | None = None, config_text: st
             spec = worker_spec(cfg, backend, row_model, prompts, scratch, i)
             rows.append(run_worker(spec, scratch, env, cfg.worker_timeout_s, log))
         logs = {p.stem: p.read_text()[-4000:] for p in scratch.glob("*.log")}
+    commands = [command]
+    if append and (out_dir / "results.json").exists():
+        old = json.loads((out_dir / "results.json").read_text())
+        mine = {r["backend"] for r in rows}
+        for r in old["rows"]:
+            if r["backend"] not in mine:
+                r.setdefault("earlier_run", old["started"])
+                rows.append(r)
+        commands = old.get("commands", [old.get("command")]) + commands
     result = {
         "name": cfg.name,
+        "commands": commands,
         "started": started,
         "command": command,
         "machine": machine_info(cfg.device),

@@ -54,22 +54,35 @@ def hf_tensors(model_dir: Path, device: str, dtype: torch.dtype, seed: int = 0) 
     return out
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path, shard_bytes: int = 2 << 30) -> Path:
-    """Write tensors as HF-style safetensors shards of at most ``shard_bytes`` under ``out_dir``."""
+def write_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path, shard_bytes: int = 4 << 30) -> Path:
+    """Write tensors the way HF checkpoints are laid out: ``model.safetensors``, or shards
+    ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json`` (what
+    transformers' ``from_pretrained`` and vLLM look for)."""
+    import json
+
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    shard: dict[str, torch.Tensor] = {}
-    size, idx = 0, 0
+    shards: list[list[str]] = [[]]
+    size = 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
-        if shard and size + nbytes > shard_bytes:
-            save_file(shard, str(out_dir / f"model-{idx:05d}.safetensors"))
-            shard, size, idx = {}, 0, idx + 1
-        shard[name] = t.detach().to("cpu").contiguous()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
         size += nbytes
-    if shard:
-        save_file(shard, str(out_dir / f"model-{idx:05d}.safetensors"))
+    n = len(shards)
+    weight_map = {}
+    for i, names in enumerate(shards):
+        fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        save_file({k: tensors[k].detach().to("cpu").contiguous() for k in names}, str(out_dir / fname),
+                  metadata={"format": "pt"})
+        weight_map.update({k: fname for k in names})
+    if n > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        (out_dir / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     return out_dir
 
 

@@ -151,13 +151,20 @@ class RawVLLMRow:
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=b["input_ids"]) for b in batch], self.params, use_tqdm=False)
         return sum(len(b["input_ids"]) for b in batch), sum(len(c.token_ids) for o in outs for c in o.outputs)
 
+    sync_mode = "reload_weights"
+
     def sync(self, source: Any) -> dict[str, Any]:
-        # vLLM's own in-place reload (the path ENVIRONMENT.md found working on the CPU and GPU).
+        """vLLM's own weight loading, no genbackends layer: ``reload_weights`` (the in-place
+        reload that also works on the CPU) or ``load_weights`` through ``apply_model`` (GPUs:
+        straight into the live parameters; on the CPU the repacked weights refuse it)."""
         pairs = list(source.items())
         t0 = time.perf_counter()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": pairs})
+        if self.sync_mode == "load_weights":
+            self.llm.apply_model(lambda model: model.load_weights(iter(pairs)))
+        else:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": pairs})
         secs = time.perf_counter() - t0
-        return {"path": "raw-reload_weights", "transport": "in-process", "seconds": secs,
+        return {"path": f"raw-{self.sync_mode}", "transport": "in-process", "seconds": secs,
                 "bytes_moved": sum(t.numel() * t.element_size() for _, t in pairs), "num_tensors": len(pairs)}
 
     def sleep(self, level: int) -> None:
@@ -255,7 +262,9 @@ def _syncs(row: Any, spec: dict[str, Any], res: dict[str, Any]) -> None:
         })
 
     if spec["kind"] == "raw-vllm":
-        time_path("raw-reload_weights", lambda: tensors, floor["seconds"])
+        for mode in ("reload_weights", "load_weights") if device == "cuda" else ("reload_weights",):
+            row.sync_mode = mode
+            time_path(f"raw-{mode}", lambda: tensors, floor["seconds"])
     else:
         for path in cfg["paths"]:
             if path == "tensors":
