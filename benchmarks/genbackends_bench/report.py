@@ -21,6 +21,10 @@ def _mib(x: Any) -> str:
     return "-" if x is None else f"{x / MiB:,.0f}"
 
 
+def _load(x: Any) -> str:
+    return "-" if not x else f"{x[0]:.1f}"
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The human-readable tables: machine, generation, sync paths, sleep/wake, ratios."""
     m, cfg = result["machine"], result["config"]
@@ -46,20 +50,21 @@ def markdown(result: dict[str, Any]) -> str:
     if earlier:
         lines.append(f"- rows marked * come from an earlier command on this machine (started {', '.join(earlier)})")
     lines += ["", "## Generation", "",
-              f"| backend | start s | out tok/s | total tok/s | batch latency s (median / max) | peak RSS MiB | peak device MiB | out tok/s vs {base} |",
-              "|---|---|---|---|---|---|---|---|"]
+              f"| backend | start s | out tok/s | total tok/s | batch latency s (median / max) | peak RSS MiB (generation) | peak device MiB (generation) | out tok/s vs {base} | best-run out tok/s | load avg (start/end) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     ratios = result["ratios"].get("throughput_vs_" + base, {})
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['backend']} | error: {r['error'][:120]} | | | | | | |")
+            lines.append(f"| {r['backend']} | error: {r['error'][:120]} | | | | | | | | |")
             continue
-        mem = r.get("memory_peak") or r.get("memory_after_generate") or {}
+        mem = r.get("memory_after_generate") or r.get("memory_peak") or {}
         star = "*" if r.get("earlier_run") else ""
         lines.append(
             f"| {r['backend']}{star} | {_f(r.get('start_s'))} | {_f(r.get('output_tokens_per_s'), '{:,.1f}')} | "
             f"{_f(r.get('total_tokens_per_s'), '{:,.1f}')} | {_f(r.get('batch_latency_s_median'))} / "
             f"{_f(r.get('batch_latency_s_max'))} | {_mib(mem.get('peak_rss_bytes'))} | {_mib(mem.get('peak_device_bytes'))} | "
-            f"{_f(ratios.get(r['backend']), '{:.3f}')} |"
+            f"{_f(ratios.get(r['backend']), '{:.3f}')} | {_f(r.get('output_tokens_per_s_best'), '{:,.1f}')} | "
+            f"{_load(r.get('loadavg_at_start'))} / {_load(r.get('loadavg_at_end'))} |"
         )
     lines += ["", "## sync_weights", "",
               "| backend | path | transport | MiB moved | median s | copy floor s | / floor |",

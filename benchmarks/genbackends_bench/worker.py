@@ -218,7 +218,8 @@ def _generation(row: Any, spec: dict[str, Any], res: dict[str, Any], sampler: Me
         all_lat.extend(lat)
     med = median(run_s) or 0.0
     res.update(
-        runs_s=run_s, run_s_median=med, batch_latency_s_median=median(all_lat), batch_latency_s_max=max(all_lat),
+        runs_s=run_s, run_s_median=med, run_s_min=min(run_s),
+        output_tokens_per_s_best=o_tok / min(run_s) if min(run_s) else None, batch_latency_s_median=median(all_lat), batch_latency_s_max=max(all_lat),
         num_batches=len(groups), prompt_tokens=p_tok, output_tokens=o_tok,
         output_tokens_per_s=o_tok / med if med else None, total_tokens_per_s=(o_tok + p_tok) / med if med else None,
     )
@@ -274,17 +275,26 @@ def _syncs(row: Any, spec: dict[str, Any], res: dict[str, Any]) -> None:
                 if folder is None:
                     folder = ss.write_safetensors(tensors, Path(spec["scratch_dir"]) / "sync-safetensors")
                 time_path("safetensors", lambda: str(folder), floor["seconds"])
-            elif path.startswith("megatron-"):
-                mside = res.setdefault("_megatron", ss.MegatronSide(model_dir, device, dtype, spec["master_port"]))
-                if not mside.build():
+        megatron_paths = [p for p in cfg["paths"] if p.startswith("megatron-")]
+        if megatron_paths:
+            # The HF-named source is not needed any more: free it before a second copy of the
+            # model (the Megatron one) is built, so an 8B model fits next to the engine.
+            tensors.clear()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            mside = ss.MegatronSide(model_dir, device, dtype, spec["master_port"])
+            if mside.build():
+                res["megatron_build_s"] = mside.build_s
+                mfloor = ss.copy_floor_seconds(mside.manifest_tensors(), repeats=max(3, cfg["repeats"]))
+                res["megatron_copy_floor"] = mfloor
+            for path in megatron_paths:
+                if mside.error is not None:
                     rows.append({"path": path, "error": f"Megatron model unavailable: {mside.error}"})
                     continue
-                mfloor = ss.copy_floor_seconds(mside.manifest_tensors(), repeats=max(3, cfg["repeats"]))
                 kind = path.split("-", 1)[1]
                 time_path(path, lambda: mside.source(kind, cfg["bucket_bytes"]), mfloor["seconds"])
-        res.pop("_megatron", None)
     res["sync"] = rows
-    del tensors
+    tensors.clear()
 
 
 def _sleep_wake(row: Any, spec: dict[str, Any], res: dict[str, Any]) -> None:
@@ -324,7 +334,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     """Measure one row; every phase that fails records its error instead of aborting the row."""
     device = spec["device"]
     sync_cuda = device == "cuda"
-    res: dict[str, Any] = {"backend": spec["backend"], "kind": spec["kind"]}
+    res: dict[str, Any] = {"backend": spec["backend"], "kind": spec["kind"], "loadavg_at_start": os.getloadavg()}
     sampler = MemorySampler(cuda=sync_cuda)
     res["memory_at_start"] = {"rss_bytes": rss_tree_bytes(), "device_bytes": cuda_used_bytes() if sync_cuda else None}
     t0 = time.perf_counter()
@@ -341,6 +351,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         if spec["sleep_wake"]["enabled"]:
             _sleep_wake(row, spec, res)
         res["memory_peak"] = sampler.peak()
+        # other processes on a shared machine show up here: read CPU numbers with it
+        res["loadavg_at_end"] = os.getloadavg()
     finally:
         sampler.stop()
         try:
