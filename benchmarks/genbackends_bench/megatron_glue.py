@@ -44,13 +44,40 @@ def build_single_rank_model(model_dir: Path, device: str, dtype: torch.dtype, po
     if not dist.is_initialized():
         dist.init_process_group("gloo" if device == "cpu" else "nccl", rank=0, world_size=1)
     init_parallel(tp=1, pp=1)
-    model = build_model(str(model_dir), dtype=dtype, init_parallel_state=False)
+    if device == "cuda":
+        model = _build_on_gpu(model_dir, dtype)
+    else:
+        model = build_model(str(model_dir), dtype=dtype, init_parallel_state=False)
     if list(model_dir.glob("*.safetensors")):
         load_hf_weights(model, str(model_dir))
-    if device == "cuda":
+    return BenchMegatron(model)
+
+
+def _build_on_gpu(model_dir: Path, dtype: torch.dtype) -> Any:
+    """The adapter's builder, with parameters allocated on the GPU and megatron's own init skipped
+    (its CPU initialisation of an 8B model takes minutes), then filled with random values on the
+    GPU. Sync timings do not depend on the values."""
+    from genbackends_megatron import model_builder as mb
+
+    orig = mb.transformer_config
+
+    def fast_config(*args: Any, **kw: Any) -> Any:
+        kw.setdefault("use_cpu_initialization", False)
+        kw.setdefault("perform_initialization", False)
+        return orig(*args, **kw)
+
+    mb.transformer_config = fast_config  # restored below; only this benchmark process sees it
+    try:
+        model = mb.build_model(str(model_dir), dtype=dtype, init_parallel_state=False)
+    finally:
+        mb.transformer_config = orig
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
         for c in model.chunks:
             c.cuda()
-    return BenchMegatron(model)
+            for name, p in c.named_parameters():
+                p.fill_(1.0) if "norm" in name else p.normal_(0.0, 0.02, generator=gen)
+    return model
 
 
 def make_source(side: BenchMegatron, path: str, bucket_bytes: int | None) -> Any:
