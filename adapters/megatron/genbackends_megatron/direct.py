@@ -282,6 +282,7 @@ def write_direct_collective(source: Any, backend: Any | None):
                     off += n
     if me != host:
         return None
+    source.peak_extra_bytes = moved  # received slices; packed copies for RPC are added below
     # Rewrite remote pieces to read from the received slices.
     srcs = dict(shards)
     ops_plan = Plan(plan.src, plan.dst, [], plan.fills)
@@ -294,6 +295,8 @@ def write_direct_collective(source: Any, backend: Any | None):
             ops_plan.pieces.append(p)
     with timer.phase("write"):
         details = _execute(DirectState(ops_plan, st.tp, st.in_process, st.plan_id), backend, srcs)
+    if not st.in_process:
+        source.peak_extra_bytes += details["bytes_moved"]  # every piece was packed for the RPC
     with timer.phase("reset_cache"):
         for r in getattr(backend, "replicas", []):
             r.reset_prefix_cache()

