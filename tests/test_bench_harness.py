@@ -29,7 +29,7 @@ def bench_result(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, 
         "runs": 2, "warmup": 1,
         "engine": {"kv_cache_memory_bytes": 32 << 20},
         "backends": ["vllm", "hf", "raw-vllm"],
-        "sync": {"paths": ["tensors", "safetensors", "megatron-universal"], "repeats": 2},
+        "sync": {"paths": ["tensors", "safetensors", "megatron-universal", "megatron-direct"], "repeats": 2},
         "sleep_wake": {"levels": [1]},
     }
     path = tmp / "bench.yaml"
@@ -72,7 +72,9 @@ def test_sync_rows_and_copy_floor(bench_result: tuple[dict, Path, str], tiny_lla
         ckpt = sum(_prod(fh.get_slice(k).get_shape()) for k in fh.keys()) * 4  # fp32
     for name in ("vllm", "hf"):
         paths = {s["path"]: s for s in rows[name]["sync"]}
-        assert set(paths) == {"tensors", "safetensors", "megatron-universal"}, name
+        assert set(paths) == {"tensors", "safetensors", "megatron-universal", "megatron-direct"}, name
+        if name == "hf":  # no engine parameters to write into: recorded as an error row
+            assert "no direct write target" in paths.pop("megatron-direct")["error"]
         for p, s in paths.items():
             assert "error" not in s, (name, p, s)
             assert s["bytes_moved"] == ckpt, (name, p)

@@ -3,7 +3,6 @@ GPTModel matching the model folder, built with the Megatron adapter's own builde
 adapter's weight source over it."""
 from __future__ import annotations
 
-import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -93,14 +92,15 @@ class _PathSource:
 
 
 def sync_call(backend: Any, source: Any) -> Any:
-    """``backend.sync_weights`` with the path a :class:`_PathSource` asks for: ``direct``
-    (plan writes into engine parameters; an error where the backend cannot) or ``universal``
-    (HF-named tensors). Backends whose ``sync_weights`` takes no ``path`` only have the latter."""
+    """Run a sync the way a trainer does. For a :class:`_PathSource` that is the adapter's own
+    driver, ``MegatronWeightSource.sync(backend, path=...)``: ``universal`` hands HF-named
+    buckets to ``backend.sync_weights``; ``direct`` validates a plan against the engine's own
+    parameters and writes into them (an error for backends that expose no engine layout)."""
     if not isinstance(source, _PathSource):
         return backend.sync_weights(source)
-    takes_path = "path" in inspect.signature(backend.sync_weights).parameters
-    if source.path == "direct":
-        if not takes_path:
-            raise NotImplementedError(f"backend {backend.name!r} has no direct sync path")
-        return backend.sync_weights(source.source, path="direct")
-    return backend.sync_weights(source.source, path="hf") if takes_path else backend.sync_weights(source.source)
+    if source.path == "direct" and not (hasattr(backend, "engine_layout") and hasattr(backend, "run_on_workers")):
+        raise NotImplementedError(f"backend {backend.name!r} offers no direct write target (engine_layout/run_on_workers)")
+    report = source.source.sync(backend, path=source.path)
+    if report is None:  # pragma: no cover - single process: this rank always hosts the engine
+        raise RuntimeError("the adapter returned no report on the engine rank")
+    return report
