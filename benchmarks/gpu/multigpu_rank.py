@@ -135,11 +135,20 @@ class _GroupReceiveSource:
 
 def _stateless_pg(spec: dict[str, Any], rank: int) -> tuple[Any, Any]:
     """A two-rank process group (NCCL on GPUs, gloo on the CPU) that leaves each process's own
-    default group alone, plus its TCPStore (for small metadata)."""
-    from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+    default group alone (vLLM's helper builds it), plus a TCPStore for small metadata."""
+    import datetime
+    import inspect
 
-    pg, store = stateless_init_torch_distributed_process_group(
-        "127.0.0.1", spec["group_port"], rank, 2, "gloo" if spec["cpu"] else "nccl", return_store=True)
+    from torch.distributed import TCPStore
+    from vllm.distributed.utils import stateless_init_torch_distributed_process_group as make_pg
+
+    backend = "gloo" if spec["cpu"] else "nccl"
+    store = TCPStore("127.0.0.1", spec["master_port"] + 2, 2, is_master=rank == 0,
+                     timeout=datetime.timedelta(seconds=300), wait_for_workers=False)
+    if "return_store" in inspect.signature(make_pg).parameters:  # newer releases return a tuple
+        pg, _ = make_pg("127.0.0.1", spec["group_port"], rank, 2, backend, return_store=True)
+    else:
+        pg = make_pg("127.0.0.1", spec["group_port"], rank, 2, backend)
     return pg, store
 
 
@@ -201,6 +210,9 @@ def run_separate(spec: dict[str, Any], rank: int, world: int) -> dict[str, Any] 
     floors["broadcast"] = {"bytes": nbytes, **summarize([timed(lambda: bcast(buf), spec, lambda: pg_barrier(pg, spec))[0]
                                                          for _ in range(reps)])}
     del buf
+    from multigpu_common import _release
+
+    _release(spec)
     pr = None
     if rank == 0:
         perturb(model, 0)
@@ -237,6 +249,7 @@ def run_separate(spec: dict[str, Any], rank: int, world: int) -> dict[str, Any] 
                     "paths": {"universal": {"warmup_s": warm, **summarize(times), "parity": par,
                                             "ok": parity_ok(par, spec), "sender_floor": "broadcast"}}})
         res["paths"]["universal"]["last"] = res.pop("engine_last", None)
+        pg_barrier(pg, spec)  # the engine rank waits for this before it lets the store go
         return res
     from genbackends_megatron.verify import backend_prompt_logprobs
 
