@@ -38,6 +38,7 @@ class DirectState:
     tp: int
     in_process: bool
     plan_id: int
+    ops: Any = None  # per-rank copy/fill lists, built once
 
 
 def _probe(target: Any) -> tuple[int, dict[int, dict[str, tuple]], bool]:
@@ -74,18 +75,18 @@ def plan_direct(source: Any, tp: int) -> Plan:
     return make_plan(source.layout, vllm_layout(source.dims, tp, source.dtype))
 
 
-def validate_direct(source: Any, target: Any) -> DirectState:
+def validate_direct(source: Any, target: Any, check_shards: bool = True) -> DirectState:
     """Validate shards, engine layout and plan; cache and return the state (nothing moves)."""
-    err = source.check_local()
+    err = source.check_local() if check_shards else None
     if err:
         raise WeightSyncError(err)
-    tp, per_rank, in_process = _probe(target)
-    key = (id(target), tp)
-    st = source._direct_cache.get(key)
+    # The engine's parameter layout is fixed for its lifetime: probe and plan once per engine.
+    st = source._direct_cache.get(id(target))
     if st is None:
+        tp, per_rank, in_process = _probe(target)
         plan = plan_direct(source, tp)
         check_engine_layout(plan.dst, per_rank)
-        st = source._direct_cache[key] = DirectState(plan, tp, in_process, plan_id=id(plan))
+        st = source._direct_cache[id(target)] = DirectState(plan, tp, in_process, plan_id=id(plan))
     return st
 
 
@@ -125,7 +126,9 @@ def write_direct_local(source: Any, target: Any) -> dict[str, Any]:
 
 def _execute(st: DirectState, target: Any, srcs: dict) -> dict[str, Any]:
     t0 = time.perf_counter()
-    ops = _ops(st.plan, st.tp)
+    if st.ops is None:
+        st.ops = _ops(st.plan, st.tp)
+    ops = st.ops
     transport = "inprocess"
     if not st.in_process:
         ops, srcs = _pack(ops, srcs)
@@ -201,19 +204,31 @@ def apply_on_worker(model: Any, tp_rank: int, payload: dict) -> dict[str, int]:
         payload = pickle.loads(payload["blob"])
     ops = payload["ops"][tp_rank]
     srcs = payload["src"]
-    if not all(isinstance(k, str) for k in srcs):
-        srcs = {_hashable(k): v for k, v in srcs.items()}
-    names = sorted({c[1] for c in ops["copy"]} | {f[0] for f in ops["fill"]})
-    dsts = writable_params(model, names)
-    sig = (payload["plan_id"], tuple(t.data_ptr() for t in dsts.values()),
-           tuple(srcs[k].data_ptr() for k in sorted({_hashable(c[0]) for c in ops["copy"]}, key=repr)))
     cache = getattr(model, "_genbackends_direct_cache", None)
-    if cache is not None and cache[0] == sig:
-        dv, sv, fills = cache[1], cache[2], cache[3]
+    hit = None
+    if cache is not None and cache["plan_id"] == payload["plan_id"]:
+        # Reuse compiled views while every tensor is still the same storage (cheap pointer check).
+        if all(srcs[k] is t or srcs[k].data_ptr() == t.data_ptr() for k, t in cache["srcs"]) and all(
+                getattr(m, leaf).data_ptr() == ptr for m, leaf, ptr in cache["dsts"]):
+            hit = cache
+    if hit is not None:
+        dv, sv, fills, names = hit["dv"], hit["sv"], hit["fills"], hit["names"]
     else:
+        if not all(isinstance(k, str) for k in srcs):
+            srcs = {_hashable(k): v for k, v in srcs.items()}
+        names = sorted({c[1] for c in ops["copy"]} | {f[0] for f in ops["fill"]})
+        dsts = writable_params(model, names)
         dv, sv = compile_copies(ops["copy"], srcs, dsts)
         fills = [dsts[n].narrow(axis, lo, length) for n, axis, lo, length in ops["fill"]]
-        model._genbackends_direct_cache = (sig, dv, sv, fills)
+        used = {_hashable(c[0]) for c in ops["copy"]}
+        mods = []
+        for n in names:
+            mod_name, _, leaf = n.rpartition(".")
+            m = model.get_submodule(mod_name)
+            mods.append((m, leaf, getattr(m, leaf).data_ptr()))
+        model._genbackends_direct_cache = {
+            "plan_id": payload["plan_id"], "dv": dv, "sv": sv, "fills": fills, "names": names,
+            "srcs": [(k, v) for k, v in payload["src"].items() if _hashable(k) in used], "dsts": mods}
     with torch.no_grad():
         if hasattr(torch, "_foreach_copy_") and dv:
             torch._foreach_copy_(dv, sv)
@@ -244,7 +259,7 @@ def write_direct_collective(source: Any, backend: Any | None):
     if me == host:
         try:
             with timer.phase("validate"):
-                st = validate_direct(source, backend)
+                st = validate_direct(source, backend, check_shards=False)  # sync() checked them
             tp = st.tp
         except WeightSyncError as e:
             err = str(e)
@@ -294,7 +309,10 @@ def write_direct_collective(source: Any, backend: Any | None):
         else:
             ops_plan.pieces.append(p)
     with timer.phase("write"):
-        details = _execute(DirectState(ops_plan, st.tp, st.in_process, st.plan_id), backend, srcs)
+        if recv:
+            details = _execute(DirectState(ops_plan, st.tp, st.in_process, id(ops_plan)), backend, srcs)
+        else:
+            details = _execute(st, backend, srcs)
     if not st.in_process:
         source.peak_extra_bytes += details["bytes_moved"]  # every piece was packed for the RPC
     with timer.phase("reset_cache"):

@@ -13,6 +13,7 @@ Nothing here touches processes or tensors' data: this is metadata in, metadata o
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -420,6 +421,7 @@ def vllm_layout(d: ModelDims, tp: int, dtype: torch.dtype = torch.float32, pad_t
 _MODULE_PREFIX = re.compile(r"^(module\.)+")
 
 
+@functools.lru_cache(maxsize=65536)
 def canonical_megatron_name(name: str, d: ModelDims) -> str | None:
     """Strip ``module.`` wrappers and map TE fused-norm spellings to local-spec names.
 

@@ -127,12 +127,14 @@ def build_model(
     init_parallel_state: bool = True,
     seed: int = 1234,
     transformer_engine: bool = False,
+    config_overrides: Mapping[str, Any] | None = None,
 ) -> MegatronModel:
     """Build this rank's GPTModel chunk(s) for an HF config (folder, dict, or :class:`ModelDims`).
 
     ``par`` defaults to the TP/PP sizes of the already-initialised megatron parallel state (or
     initialises it when ``init_parallel_state`` and ``par`` is given). Weights are random
-    (seeded); call :func:`load_hf_weights` to load an HF checkpoint.
+    (seeded); call :func:`load_hf_weights` to load an HF checkpoint. ``config_overrides`` go to
+    megatron's ``TransformerConfig``.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -149,7 +151,11 @@ def build_model(
         init_parallel(par.tp, par.pp, par.vp)
     apply_cpu_workarounds()
     torch.manual_seed(seed)
-    config = transformer_config(dims, par, dtype)
+    # On GPUs, build on the device (CPU initialisation of an 8B model takes minutes); callers
+    # may also skip megatron's init (config_overrides={"perform_initialization": False}).
+    over = {} if on_cpu() else {"use_cpu_initialization": False}
+    over.update(config_overrides or {})
+    config = transformer_config(dims, par, dtype, **over)
     if transformer_engine:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 

@@ -49,7 +49,9 @@ class MegatronWeightSource:
         self.layout = megatron_layout(self.dims, self.par, self.dtype)
         self.hf_plan = make_plan(self.layout, hf_layout(self.dims, self.dtype))
         self.units = _units(self.hf_plan)
+        self._local_layout = model.local_layout()
         self.peak_extra_bytes = 0
+        self._gathered = 0
         self.last_phases: dict[str, float] = {}
         self._direct_cache: dict[Any, Any] = {}
 
@@ -65,7 +67,7 @@ class MegatronWeightSource:
             shards = self.model.named_shards()
         except WeightSyncError as e:
             return str(e)
-        want = self.model.local_layout()
+        want = self._local_layout
         missing = [f"{_loc(k)} {k[1]}" for k in want if k not in shards]
         extra = [f"{_loc(k)} {k[1]}" for k in shards if k not in want]
         wrong = [f"{_loc(k)} {k[1]}: shape {tuple(t.shape)}, expected {want[k].shape}"
@@ -98,7 +100,8 @@ class MegatronWeightSource:
             bucket.append((name, t))
             size += n
             extra += n if copied else 0
-            self.peak_extra_bytes = max(self.peak_extra_bytes, extra)
+            # Alive together: this bucket's copies and the gathered shards being cut.
+            self.peak_extra_bytes = max(self.peak_extra_bytes, extra + self._gathered)
         if bucket:
             yield bucket
 
@@ -112,6 +115,7 @@ class MegatronWeightSource:
         tp_group = ps.get_tensor_model_parallel_group() if self.par.tp > 1 else None
         man = self.manifest()
         for u in self.units:
+            self._gathered = 0
             leader = self.topo.leader(u.pp)
             in_stage = my_pp == u.pp and my_dp == 0
             local: dict = {}
@@ -122,7 +126,7 @@ class MegatronWeightSource:
                 dist.gather(mine, bufs, dst=leader, group=tp_group)
                 if me == leader:
                     local = {((u.pp, u.v, t), u.name): b for t, b in enumerate(bufs)}
-                    self.peak_extra_bytes = max(self.peak_extra_bytes, sum(b.numel() * b.element_size() for b in bufs))
+                    self._gathered = sum(b.numel() * b.element_size() for b in bufs)
             elif in_stage and me == leader:
                 local = {((u.pp, u.v, t), u.name): shards[((u.pp, u.v, t), u.name)].detach() for t in u.src_tps}
             if me == leader:

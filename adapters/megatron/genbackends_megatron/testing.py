@@ -66,6 +66,10 @@ def _worker(rank: int, spec: dict) -> None:
                 with torch.no_grad():
                     ref = hf(ids).logits.float()
                 results["exports"].append({"arch": case["arch"], "max_abs_diff": float((ref - ours).abs().max())})
+        if case.get("save"):
+            from genbackends_megatron.export import save_shards
+
+            save_shards(model, case["save"], hf_config=case["base"])
         for vtp in case["vllm_tp"]:
             backend = _engine(case["base"], vtp, in_process=world == 1) if rank == 0 else None
             try:
