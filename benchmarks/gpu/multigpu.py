@@ -161,6 +161,8 @@ def run_scenario(key: str, args: argparse.Namespace, base: dict[str, Any], log_d
         rf = Path(spec["result_file"])
         if rf.exists():
             res["result"] = json.loads(rf.read_text())
+            if st["status"] != "ok":  # rank 0 finished its measurements; a rank hung or died in teardown
+                res["status"] = f"ok (result written; then {st['status']} in teardown)"
         elif st["status"] == "ok":
             res["status"] = "failed (no result file)"
         print(f"[{key}] {st['status']} in {st['seconds']:.0f}s", flush=True)
