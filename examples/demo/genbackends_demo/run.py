@@ -15,8 +15,8 @@ def _setup_process(rank: int, world: int, cfg: DemoConfig) -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(cfg.master_port))
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     # The demo's own lines are the point; engine INFO logs and library deprecation chatter are
-    # not (set VLLM_LOGGING_LEVEL=INFO to see them again).
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    # not (set VLLM_LOGGING_LEVEL=INFO to see them).
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     import warnings
 
     for cat in (DeprecationWarning, FutureWarning, UserWarning):
