@@ -178,6 +178,12 @@ def build_model(
             ))
     for c in chunks:
         c.eval()
+        # Without Apex/TE, megatron's norm falls back to torch's, which ignores params_dtype and
+        # keeps fp32 weights; megatron's own Float16Module casts the whole model for mixed
+        # precision. Do the same for parameters so every shard has the layout's dtype.
+        for prm in c.parameters():
+            if prm.is_floating_point() and prm.dtype != dtype:
+                prm.data = prm.data.to(dtype)
     model = MegatronModel(chunks, dims, par, pp_rank, tp_rank, dtype)
     _check_layer_numbers(model)
     return model
