@@ -7,10 +7,14 @@ by transformers, must give Megatron's logits (an independent check of the mappin
 
 Coverage (vLLM TP 2 engines cost ~30 s each on 2 cores, so they get a subset):
   (1,1): llama, qwen2, qwen3 x vLLM TP 1 (in-process engine), export, bad inputs
-  (2,1): llama, qwen2, qwen3 x vLLM TP 1; llama x vLLM TP 2
+  (2,1): llama, qwen2, qwen3 x vLLM TP 1; a llama with ONE KV head x vLLM TP 2 (KV-head
+         replication in vLLM, num_query_groups 1 < Megatron TP 2)
   (1,2): llama, qwen2 (tied embeddings, PP 2), qwen3 x vLLM TP 1; qwen2 x vLLM TP 2
   (2,2): qwen3 x vLLM TP 1 and 2, qwen2 x vLLM TP 1, export, bad inputs
-  (4,1): llama with 2 KV heads at Megatron TP 4 (num_query_groups < TP) x vLLM TP 1 and 2; saved shards
+  (4,1): llama with 2 KV heads at Megatron TP 4 (num_query_groups < TP) x vLLM TP 1; saved shards
+          -> CLI export
+Many more TP/PP/VP x vLLM TP combinations (KV replication up to vLLM TP 8) are covered by the pure
+plan tests against an independent reference (tests/test_megatron_plan.py).
 """
 from __future__ import annotations
 
@@ -28,22 +32,38 @@ pytest.importorskip("vllm")
 ARCHS = ("llama", "qwen2", "qwen3")
 LAYOUTS = {
     (1, 1): (29710, {"llama": [1], "qwen2": [1], "qwen3": [1]}, True, ("qwen2",)),
-    (2, 1): (29720, {"llama": [1, 2], "qwen2": [1], "qwen3": [1]}, False, ()),
+    (2, 1): (29720, {"llama": [1], "qwen2": [1], "qwen3": [1], "llama_kv1": [2]}, False, ()),
     (1, 2): (29730, {"llama": [1], "qwen2": [1, 2], "qwen3": [1]}, False, ()),
     (2, 2): (29740, {"qwen3": [1, 2], "qwen2": [1]}, True, ("qwen3",)),
-    (4, 1): (29750, {"llama": [1, 2]}, False, ("llama",)),
+    (4, 1): (29750, {"llama": [1]}, False, ("llama",)),
 }
+
+# Direct writes to engine workers in other processes go over our own gloo group by default; one
+# layout uses the RPC route (packed slices pickled through run_on_workers) instead.
+RPC_LAYOUT = {(1, 2): "rpc"}
+
+
+def _expected_transport(layout, path: str) -> str:
+    if layout == (1, 1):  # one trainer process: the engine lives in it
+        return "inprocess" if path == "universal" else "p2p+inprocess"
+    return "group" if path == "universal" else "p2p+" + RPC_LAYOUT.get(layout, "group")
 
 
 @pytest.fixture(scope="module")
-def models(tiny_model_factory):
-    return {a: (tiny_model_factory(a, 0), tiny_model_factory(a, 1)) for a in ARCHS}
+def models(tiny_model_factory, tmp_path_factory):
+    from genbackends.tiny import TinyShape, build_tiny_model
+
+    out = {a: (tiny_model_factory(a, 0), tiny_model_factory(a, 1)) for a in ARCHS}
+    d = tmp_path_factory.mktemp("kv1")
+    out["llama_kv1"] = tuple(build_tiny_model(d / f"s{s}", "llama", seed=s, shape=TinyShape(num_kv_heads=1)) for s in (0, 1))
+    return out
 
 
 def _run(layout, models, tmp: Path) -> dict:
     tp, pp = layout
     port, cases, bad, exports = LAYOUTS[layout]
-    spec = {"tp": tp, "pp": pp, "port": port, "out": str(tmp / "result.json"), "bad_inputs": bad, "cases": []}
+    spec = {"tp": tp, "pp": pp, "port": port, "out": str(tmp / "result.json"), "bad_inputs": bad, "cases": [],
+            "direct_transport": RPC_LAYOUT.get(layout, "auto")}
     for i, (arch, vtps) in enumerate(cases.items()):
         base, alt = models[arch]
         spec["cases"].append({"arch": arch, "base": str(base), "alt": str(alt), "vllm_tp": vtps,
@@ -71,6 +91,7 @@ def test_sync_parity_both_paths(layout, models, tmp_path):
         assert s["before"]["max_abs_diff"] > 0.1, what  # the engine really had other weights
         assert s["parity"]["max_abs_diff"] < 1e-4, (what, s["parity"])
         assert s["bytes_moved"] > 0, what
+        assert s["transport"] == _expected_transport(layout, s["path"]), (what, s["transport"])
         if s["path"] == "universal":
             # bounded by the 1 MiB bucket + one gathered parameter, well below the 5.3 MB model
             assert 0 < s["peak_extra_bytes"] <= 2.5 * (1 << 20), (what, s["peak_extra_bytes"])

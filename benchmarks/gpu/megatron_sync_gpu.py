@@ -63,7 +63,7 @@ def copy_bandwidth(nbytes: int, device) -> float:
     """Bytes read + written per second by one large ``copy_`` (median of 5)."""
     import torch
 
-    n = max(1, nbytes // 2)
+    n = max(1, min(nbytes, 2 << 30) // 2)  # 2 GiB is plenty to saturate; the model + engine must still fit
     a = torch.empty(n, dtype=torch.bfloat16, device=device)
     b = torch.empty_like(a)
     b.copy_(a)

@@ -39,6 +39,7 @@ class DirectState:
     in_process: bool
     plan_id: int
     ops: Any = None  # per-rank copy/fill lists, built once
+    group: Any = None  # DirectGroup to out-of-process workers, built on first use
 
 
 def _probe(target: Any) -> tuple[int, dict[int, dict[str, tuple]], bool]:
@@ -119,26 +120,34 @@ def write_direct_local(source: Any, target: Any) -> dict[str, Any]:
     st = validate_direct(source, target)
     t1 = time.perf_counter()
     shards = {k: v.detach() for k, v in source.model.named_shards().items()}
-    details = _execute(st, target, shards)
+    details = _execute(st, target, shards, source.direct_transport, source.dtype)
     details["phases"] = {"plan": t1 - t0, **details["phases"]}
     return details
 
 
-def _execute(st: DirectState, target: Any, srcs: dict) -> dict[str, Any]:
+def _execute(st: DirectState, target: Any, srcs: dict, mode: str = "auto", dtype: Any = None) -> dict[str, Any]:
+    """Move the bytes: in-process references, our own process group ("group", default for
+    workers in other processes) or packed slices pickled through ``run_on_workers`` ("rpc")."""
     t0 = time.perf_counter()
     if st.ops is None:
         st.ops = _ops(st.plan, st.tp)
     ops = st.ops
-    transport = "inprocess"
-    if not st.in_process:
-        ops, srcs = _pack(ops, srcs)
-        transport = "rpc"
+    transport = "inprocess" if st.in_process else ("rpc" if mode == "rpc" else "group")
     t1 = time.perf_counter()
-    payload: Any = {"ops": ops, "src": srcs, "plan_id": st.plan_id}
-    if not st.in_process:
-        # vLLM's RPC serializer rewrites nested tuples/tensors; ship one pickled blob instead.
-        payload = {"blob": pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)}
-    res = target.run_on_workers(apply_on_worker, payload)
+    if transport == "group":
+        from genbackends_megatron.direct_group import DirectGroup
+
+        if st.group is None:
+            st.group = DirectGroup(target, st.tp, nccl=next(iter(srcs.values())).is_cuda)
+        res = st.group.send_and_apply(target, ops, srcs, st.plan_id, dtype)
+    else:
+        if transport == "rpc":
+            ops, srcs = _pack(ops, srcs)
+        payload: Any = {"ops": ops, "src": srcs, "plan_id": st.plan_id}
+        if transport == "rpc":
+            # vLLM's RPC serializer rewrites nested tuples/tensors; ship one pickled blob instead.
+            payload = {"blob": pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)}
+        res = target.run_on_workers(apply_on_worker, payload)
     t2 = time.perf_counter()
     return {
         "bytes_moved": int(sum(r["bytes"] for r in res)),
@@ -198,17 +207,21 @@ def _hashable(k: Any) -> Any:
 def apply_on_worker(model: Any, tp_rank: int, payload: dict) -> dict[str, int]:
     """Run this rank's copies and fills into the engine's parameters, then let the engine use
     them (CPU: repack). Compiled views are cached on the model while tensors stay the same."""
-    from genbackends_megatron.vllm_glue import finish_writes, writable_params
-
     if "blob" in payload:
         payload = pickle.loads(payload["blob"])
-    ops = payload["ops"][tp_rank]
-    srcs = payload["src"]
+    return apply_ops(model, tp_rank, payload["ops"][tp_rank], payload["src"], payload["plan_id"])
+
+
+def apply_ops(model: Any, tp_rank: int, ops: dict, srcs: dict, plan_id: int) -> dict[str, int]:
+    """Copies and fills of one rank (``{"copy": [...], "fill": [...]}``) from ``srcs``."""
+    from genbackends_megatron.vllm_glue import finish_writes, writable_params
+
+    payload_src = srcs
     cache = getattr(model, "_genbackends_direct_cache", None)
     hit = None
-    if cache is not None and cache["plan_id"] == payload["plan_id"]:
+    if cache is not None and cache["plan_id"] == plan_id:
         # Reuse compiled views while every tensor is still the same storage (cheap pointer check).
-        if all(srcs[k] is t or srcs[k].data_ptr() == t.data_ptr() for k, t in cache["srcs"]) and all(
+        if all(k in srcs and srcs[k].data_ptr() == t.data_ptr() for k, t in cache["srcs"]) and all(
                 getattr(m, leaf).data_ptr() == ptr for m, leaf, ptr in cache["dsts"]):
             hit = cache
     if hit is not None:
@@ -227,8 +240,8 @@ def apply_on_worker(model: Any, tp_rank: int, payload: dict) -> dict[str, int]:
             m = model.get_submodule(mod_name)
             mods.append((m, leaf, getattr(m, leaf).data_ptr()))
         model._genbackends_direct_cache = {
-            "plan_id": payload["plan_id"], "dv": dv, "sv": sv, "fills": fills, "names": names,
-            "srcs": [(k, v) for k, v in payload["src"].items() if _hashable(k) in used], "dsts": mods}
+            "plan_id": plan_id, "dv": dv, "sv": sv, "fills": fills, "names": names,
+            "srcs": [(k, v) for k, v in payload_src.items() if _hashable(k) in used], "dsts": mods}
     with torch.no_grad():
         if hasattr(torch, "_foreach_copy_") and dv:
             torch._foreach_copy_(dv, sv)
@@ -310,9 +323,11 @@ def write_direct_collective(source: Any, backend: Any | None):
             ops_plan.pieces.append(p)
     with timer.phase("write"):
         if recv:
-            details = _execute(DirectState(ops_plan, st.tp, st.in_process, id(ops_plan)), backend, srcs)
+            sub = DirectState(ops_plan, st.tp, st.in_process, id(ops_plan), group=st.group)
+            details = _execute(sub, backend, srcs, source.direct_transport, source.dtype)
+            st.group = sub.group
         else:
-            details = _execute(st, backend, srcs)
+            details = _execute(st, backend, srcs, source.direct_transport, source.dtype)
     if not st.in_process:
         source.peak_extra_bytes += details["bytes_moved"]  # every piece was packed for the RPC
     with timer.phase("reset_cache"):

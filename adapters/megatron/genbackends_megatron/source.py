@@ -33,6 +33,9 @@ class MegatronWeightSource:
 
     ``engine_ranks``: global trainer ranks that host an engine (receive tensors); default rank 0.
     ``bucket_bytes``: cap of one bucket (bounds the extra memory of a sync).
+    ``direct_transport``: how the direct path reaches engine workers in other processes:
+    ``"auto"``/``"group"`` (our own gloo/NCCL group, only the needed slices) or ``"rpc"`` (packed
+    slices pickled through ``run_on_workers``); in-process workers always get references.
     Construction is collective (ranks agree on the topology).
     """
 

@@ -3,7 +3,8 @@ engine on rank 0, both sync paths, export, and bad-input rejection, for one Mega
 
 ``python -m genbackends_megatron.testing SPEC.json`` spawns ``tp*pp`` ranks; rank 0 writes the
 results JSON named in the spec. Spec keys: ``tp``, ``pp``, ``port``, ``out``, ``cases`` (a list of
-``{"arch", "base", "alt", "vllm_tp": [..], "export": dir|None}``), ``bad_inputs`` (bool).
+``{"arch", "base", "alt", "vllm_tp": [..], "export": dir|None, "save": dir|None}``), ``bad_inputs``
+(bool), ``direct_transport`` (``auto``/``group``/``rpc``).
 Each case builds the Megatron model with the ``alt`` weights and an engine serving ``base``, so a
 sync must really change the engine.
 """
@@ -54,7 +55,8 @@ def _worker(rank: int, spec: dict) -> None:
     for case in spec["cases"]:
         model = build_model(case["base"])
         load_hf_weights(model, case["alt"])
-        src = make_source(model, bucket_bytes=case.get("bucket_bytes", 1 << 20))
+        src = make_source(model, bucket_bytes=case.get("bucket_bytes", 1 << 20),
+                          direct_transport=spec.get("direct_transport", "auto"))
         if case.get("export"):
             out = export_hf(model, case["export"], hf_config=case["base"])
             ids = torch.tensor([PROBES[0]])
