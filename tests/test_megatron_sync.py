@@ -103,6 +103,10 @@ def test_sync_parity_both_paths(layout, models, tmp_path):
             (c, p) for c in ("wrong_shape", "missing_layer", "unknown_name") for p in ("universal", "direct")}
         for b in res["bad_inputs"]:
             assert b["names_it"] and b["engine_unchanged"], b
+    if layout == (1, 1):
+        assert {p["arch"] for p in res["protocol"]} == set(cases)
+        for p in res["protocol"]:
+            assert p["path"] == "direct" and p["parity"]["max_abs_diff"] < 1e-4, p
     if layout == (4, 1):
         _check_saved_export(tmp_path / "saved_llama", models["llama"][1], tmp_path / "from_saved")
 

@@ -87,6 +87,13 @@ def _worker(rank: int, spec: dict) -> None:
                             "transport": rep.transport, "parity": rep.parity, "before": again or before,
                             "bytes_moved": rep.bytes_moved, "peak_extra_bytes": rep.peak_extra_bytes,
                             "phases": rep.phases})
+                if world == 1 and vtp == 1:
+                    # The backend's own entry: sync_weights(source) takes the DirectWeightSource
+                    # protocol (validate_direct, write_direct) when direct writes are allowed.
+                    backend.sync_weights(case["base"])
+                    rep = backend.sync_weights(src)
+                    results.setdefault("protocol", []).append(
+                        {"arch": case["arch"], "path": rep.path, "parity": parity(model, backend, PROBES)})
                 if spec.get("bad_inputs") and vtp == case["vllm_tp"][0]:
                     results["bad_inputs"] += _bad_inputs(model, src, backend, rank)
             except Exception:
