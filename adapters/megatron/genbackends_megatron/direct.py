@@ -328,8 +328,10 @@ def write_direct_collective(source: Any, backend: Any | None):
             st.group = sub.group
         else:
             details = _execute(st, backend, srcs, source.direct_transport, source.dtype)
-    if not st.in_process:
-        source.peak_extra_bytes += details["bytes_moved"]  # every piece was packed for the RPC
+    if details["transport"] == "rpc":
+        source.peak_extra_bytes += details["bytes_moved"]  # every rank's slices pickled at once
+    elif details["transport"] == "group":
+        source.peak_extra_bytes += st.group.peak_buffer_bytes if st.group else 0  # one rank's buffer at a time
     with timer.phase("reset_cache"):
         for r in getattr(backend, "replicas", []):
             r.reset_prefix_cache()

@@ -105,22 +105,28 @@ class DirectGroup:
     def send_and_apply(self, target: Any, ops: dict, srcs: dict, plan_id: int, dtype: torch.dtype) -> list[dict]:
         """Pack each rank's slices into one buffer, send it, and let the workers apply it."""
         ranks: list = [None] * self.tp
-        bufs = {}
+        parts: dict[int, list[torch.Tensor]] = {}
         for r, o in ops.items():
-            shapes, new_ops, parts = [], [], []
+            shapes, new_ops, views = [], [], []
             for i, (src, dst, axis, s_lo, d_lo, n) in enumerate(o["copy"]):
                 sl = srcs[src].narrow(axis, s_lo, n)
                 shapes.append(list(sl.shape))
-                parts.append(sl.reshape(-1))
+                views.append(sl)
                 new_ops.append((f"slice/{i}", dst, axis, 0, d_lo, n))
             ranks[r] = {"ops": {"copy": new_ops, "fill": o["fill"]}, "shapes": shapes}
-            bufs[r] = torch.cat(parts).contiguous() if parts else None
+            parts[r] = views
         payload = {"ranks": ranks, "dtype": str(dtype).replace("torch.", ""), "plan_id": plan_id}
         done = _in_thread(lambda: target.run_on_workers(receive_and_apply, payload))
-        for r in sorted(bufs):
-            if bufs[r] is not None:
-                t = bufs[r] if self.nccl else bufs[r].cpu()
-                self.pg.send([t], 1 + r, 0).wait()
+        # One rank's packed buffer at a time: the extra memory is the largest rank's slices.
+        self.last_sent_bytes = self.peak_buffer_bytes = 0
+        for r in sorted(parts):
+            if parts[r]:
+                buf = torch.cat([v.reshape(-1) for v in parts[r]])
+                buf = buf if self.nccl else buf.cpu()
+                self.pg.send([buf], 1 + r, 0).wait()
+                nbytes = buf.numel() * buf.element_size()
+                self.last_sent_bytes += nbytes
+                self.peak_buffer_bytes = max(self.peak_buffer_bytes, nbytes)
+                del buf
         res = done()
-        self.last_sent_bytes = sum(b.numel() * b.element_size() for b in bufs.values() if b is not None)
         return res
