@@ -200,3 +200,21 @@ def test_virtual_pipeline_and_uneven_stage_numbering():
     assert stage_layers(8, MegatronParallel(pp=2, vp=2)) == {(0, 0): [0, 1], (0, 1): [4, 5], (1, 0): [2, 3], (1, 1): [6, 7]}
     assert stage_layers(7, MegatronParallel(pp=3, first_stage_layers=1, last_stage_layers=2)) == \
         {(0, 0): [0], (1, 0): [1, 2, 3, 4], (2, 0): [5, 6]}
+
+
+def test_engine_layout_mismatch_rejected_before_any_write():
+    """The direct path compares the plan with the engine's own parameter list (a pure check; the
+    engine side of it runs for real in test_megatron_sync)."""
+    from genbackends_megatron.direct import check_engine_layout
+
+    d = dims("llama")
+    planned = vllm_layout(d, 2)
+    engine = {r: {k[1]: (s.shape, s.dtype) for k, s in planned.items() if k[0] == (r,)} for r in range(2)}
+    check_engine_layout(planned, engine)  # identical: fine
+    engine[1]["model.layers.0.mlp.experts.w13_weight"] = ((4, 8), torch.float32)
+    with pytest.raises(WeightSyncError, match="experts.w13_weight"):
+        check_engine_layout(planned, engine)
+    del engine[1]["model.layers.0.mlp.experts.w13_weight"]
+    engine[0]["model.layers.2.self_attn.o_proj.weight"] = ((32, 33), torch.float32)
+    with pytest.raises(WeightSyncError, match=r"o_proj.weight is \(32, 33\)"):
+        check_engine_layout(planned, engine)

@@ -9,7 +9,8 @@ Coverage (vLLM TP 2 engines cost ~30 s each on 2 cores, so they get a subset):
   (1,1): llama, qwen2, qwen3 x vLLM TP 1 (in-process engine), export, bad inputs
   (2,1): llama, qwen2, qwen3 x vLLM TP 1; a llama with ONE KV head x vLLM TP 2 (KV-head
          replication in vLLM, num_query_groups 1 < Megatron TP 2)
-  (1,2): llama, qwen2 (tied embeddings, PP 2), qwen3 x vLLM TP 1; qwen2 x vLLM TP 2
+  (1,2) with virtual pipeline 2 (4-layer models: chunks hold layers [0],[2] and [1],[3]):
+         llama, qwen2 (tied embeddings across stages), qwen3 x vLLM TP 1; qwen2 x vLLM TP 2
   (2,2): qwen3 x vLLM TP 1 and 2, qwen2 x vLLM TP 1, export, bad inputs
   (4,1): llama with 2 KV heads at Megatron TP 4 (num_query_groups < TP) x vLLM TP 1; saved shards
           -> CLI export
@@ -33,7 +34,7 @@ ARCHS = ("llama", "qwen2", "qwen3")
 LAYOUTS = {
     (1, 1): (29710, {"llama": [1], "qwen2": [1], "qwen3": [1]}, True, ("qwen2",)),
     (2, 1): (29720, {"llama": [1], "qwen2": [1], "qwen3": [1], "llama_kv1": [2]}, False, ()),
-    (1, 2): (29730, {"llama": [1], "qwen2": [1, 2], "qwen3": [1]}, False, ()),
+    (1, 2): (29730, {"llama_l4": [1], "qwen2_l4": [1, 2], "qwen3_l4": [1]}, False, ()),
     (2, 2): (29740, {"qwen3": [1, 2], "qwen2": [1]}, True, ("qwen3",)),
     (4, 1): (29750, {"llama": [1]}, False, ("llama",)),
 }
@@ -41,6 +42,7 @@ LAYOUTS = {
 # Direct writes to engine workers in other processes go over our own gloo group by default; one
 # layout uses the RPC route (packed slices pickled through run_on_workers) instead.
 RPC_LAYOUT = {(1, 2): "rpc"}
+VP = {(1, 2): 2}
 
 
 def _expected_transport(layout, path: str) -> str:
@@ -56,6 +58,8 @@ def models(tiny_model_factory, tmp_path_factory):
     out = {a: (tiny_model_factory(a, 0), tiny_model_factory(a, 1)) for a in ARCHS}
     d = tmp_path_factory.mktemp("kv1")
     out["llama_kv1"] = tuple(build_tiny_model(d / f"s{s}", "llama", seed=s, shape=TinyShape(num_kv_heads=1)) for s in (0, 1))
+    for a in ARCHS:  # 4 layers: PP 2 x virtual PP 2
+        out[f"{a}_l4"] = tuple(build_tiny_model(d / f"{a}_l4_s{s}", a, seed=s, shape=TinyShape(num_layers=4)) for s in (0, 1))
     return out
 
 
@@ -63,7 +67,7 @@ def _run(layout, models, tmp: Path) -> dict:
     tp, pp = layout
     port, cases, bad, exports = LAYOUTS[layout]
     spec = {"tp": tp, "pp": pp, "port": port, "out": str(tmp / "result.json"), "bad_inputs": bad, "cases": [],
-            "direct_transport": RPC_LAYOUT.get(layout, "auto")}
+            "direct_transport": RPC_LAYOUT.get(layout, "auto"), "vp": VP.get(layout)}
     for i, (arch, vtps) in enumerate(cases.items()):
         base, alt = models[arch]
         spec["cases"].append({"arch": arch, "base": str(base), "alt": str(alt), "vllm_tp": vtps,
@@ -78,7 +82,7 @@ def _run(layout, models, tmp: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", list(LAYOUTS), ids=[f"tp{t}pp{p}" for t, p in LAYOUTS])
+@pytest.mark.parametrize("layout", list(LAYOUTS), ids=[f"tp{t}pp{p}" + (f"vp{VP[(t, p)]}" if (t, p) in VP else "") for t, p in LAYOUTS])
 def test_sync_parity_both_paths(layout, models, tmp_path):
     res = _run(layout, models, tmp_path)
     assert not res["errors"]

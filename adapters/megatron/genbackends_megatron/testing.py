@@ -4,7 +4,7 @@ engine on rank 0, both sync paths, export, and bad-input rejection, for one Mega
 ``python -m genbackends_megatron.testing SPEC.json`` spawns ``tp*pp`` ranks; rank 0 writes the
 results JSON named in the spec. Spec keys: ``tp``, ``pp``, ``port``, ``out``, ``cases`` (a list of
 ``{"arch", "base", "alt", "vllm_tp": [..], "export": dir|None, "save": dir|None}``), ``bad_inputs``
-(bool), ``direct_transport`` (``auto``/``group``/``rpc``).
+(bool), ``direct_transport`` (``auto``/``group``/``rpc``), ``vp`` (virtual pipeline size).
 Each case builds the Megatron model with the ``alt`` weights and an engine serving ``base``, so a
 sync must really change the engine.
 """
@@ -50,7 +50,7 @@ def _worker(rank: int, spec: dict) -> None:
     from genbackends_megatron.model_builder import build_model, forward_logits, init_parallel, load_hf_weights
     from genbackends_megatron.verify import backend_prompt_logprobs, parity
 
-    init_parallel(spec["tp"], spec["pp"])
+    init_parallel(spec["tp"], spec["pp"], spec.get("vp"))
     results: dict[str, Any] = {"syncs": [], "exports": [], "bad_inputs": [], "errors": []}
     for case in spec["cases"]:
         model = build_model(case["base"])
@@ -104,7 +104,7 @@ def _worker(rank: int, spec: dict) -> None:
                     backend.shutdown()
                 if not dist.is_initialized():
                     # An in-process engine (world 1) shares and, on shutdown, destroys the default group.
-                    init_parallel(spec["tp"], spec["pp"])
+                    init_parallel(spec["tp"], spec["pp"], spec.get("vp"))
         del model, src
     if rank == 0:
         with open(spec["out"], "w") as f:
