@@ -179,11 +179,12 @@ def build_model(
     for c in chunks:
         c.eval()
         # Without Apex/TE, megatron's norm falls back to torch's, which ignores params_dtype and
-        # keeps fp32 weights; megatron's own Float16Module casts the whole model for mixed
-        # precision. Do the same for parameters so every shard has the layout's dtype.
+        # the init device: fp32 weights on the CPU. megatron's own Float16Module casts the whole
+        # model for mixed precision; do the same, and put them where the other weights are.
+        home = torch.device("cpu") if on_cpu() else torch.device("cuda", torch.cuda.current_device())
         for prm in c.parameters():
-            if prm.is_floating_point() and prm.dtype != dtype:
-                prm.data = prm.data.to(dtype)
+            if prm.is_floating_point() and (prm.dtype != dtype or prm.device != home):
+                prm.data = prm.data.to(device=home, dtype=dtype)
     model = MegatronModel(chunks, dims, par, pp_rank, tp_rank, dtype)
     _check_layer_numbers(model)
     return model
