@@ -211,8 +211,6 @@ def load_hf_state(hf: str | Path | Mapping[str, torch.Tensor]) -> dict[str, torc
     out: dict[str, torch.Tensor] = {}
     for f in files:
         out.update(load_file(str(f)))
-    if "lm_head.weight" in out and "model.embed_tokens.weight" in out and out["lm_head.weight"].data_ptr() == out["model.embed_tokens.weight"].data_ptr():
-        pass
     return out
 
 
