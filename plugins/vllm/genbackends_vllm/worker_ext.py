@@ -1,14 +1,26 @@
-"""Methods mixed into every vLLM worker (``worker_extension_cls``) for weight sync over our own
-process group. Called by name through ``collective_rpc`` so no callable has to be pickled."""
+"""Methods mixed into every vLLM worker (``worker_extension_cls``) for weight sync: our own
+process group, raw-byte RPC, and the in-place reload every transport ends in. Called by name
+through ``collective_rpc`` so no callable has to be pickled.
+
+Every reload goes through :meth:`WeightSyncExtension.genbackends_reload`, which follows vLLM's
+``reload_weights`` with the platform fix-ups it misses (:func:`compat.repack_vocab_gemms`: a tied
+LM head on the CPU), so the engine is correct after any transport."""
 from __future__ import annotations
 
 from typing import Any
 
+from genbackends_vllm import compat
 from genbackends_vllm.transport import SyncGroup, receive_bucket, unpack_bytes
 
 
 class WeightSyncExtension:
     """Worker-side half of :mod:`genbackends_vllm.transport` (``self`` is the vLLM worker)."""
+
+    def genbackends_reload(self, weights_iterator: Any = None, weights_path: str | None = None) -> int:
+        """vLLM's in-place ``reload_weights`` (HF-named tensors, or a folder the worker reads),
+        then re-pack what it leaves stale; returns how many layers were re-packed."""
+        self.reload_weights(weights_iterator=weights_iterator, weights_path=weights_path)  # type: ignore[attr-defined]
+        return compat.repack_vocab_gemms(compat.worker_model(self))
 
     def genbackends_sync_open(self, host: str, port: int, world_size: int) -> int:
         """Join the sync group as rank ``1 + worker rank``; returns that rank."""
@@ -19,13 +31,13 @@ class WeightSyncExtension:
     def genbackends_sync_bucket(self, meta: list[tuple[str, tuple[int, ...], str]]) -> int:
         """Receive one bucket from rank 0 and load it in place; returns tensors loaded."""
         pairs = receive_bucket(self._genbackends_group, meta)
-        self.reload_weights(weights_iterator=pairs)  # type: ignore[attr-defined]
+        self.genbackends_reload(weights_iterator=pairs)
         return len(pairs)
 
     def genbackends_reload_packed(self, packed: list[Any]) -> int:
         """Load tensors sent as raw bytes through ``collective_rpc`` (the ``rpc`` transport)."""
         pairs = unpack_bytes(packed)
-        self.reload_weights(weights_iterator=pairs)  # type: ignore[attr-defined]
+        self.genbackends_reload(weights_iterator=pairs)
         return len(pairs)
 
     def genbackends_sync_close(self) -> None:
