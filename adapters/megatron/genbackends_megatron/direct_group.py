@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import datetime
 import socket
-import threading
-from typing import Any, Callable
+from typing import Any
 
 import torch
+
+from genbackends.background import start_in_background
 
 _GROUP_ATTR = "_genbackends_direct_group"
 
@@ -70,35 +71,13 @@ def _prod(shape) -> int:
     return n
 
 
-def _in_thread(fn: Callable[[], Any]) -> Callable[[], Any]:
-    # run_on_workers blocks until the workers return, and they return only after rank 0 sent.
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as e:  # re-raised by join
-            box["error"] = e
-
-    th = threading.Thread(target=run, daemon=True)
-    th.start()
-
-    def join() -> Any:
-        th.join()
-        if "error" in box:
-            raise box["error"]
-        return box.get("result")
-
-    return join
-
-
 class DirectGroup:
     """Host side of the group with one engine's workers (created once per engine)."""
 
     def __init__(self, target: Any, tp: int, nccl: bool):
         self.tp, self.nccl = tp, nccl
         port = _free_port()
-        joined = _in_thread(lambda: target.run_on_workers(join_group, "127.0.0.1", port, 1 + tp, nccl))
+        joined = start_in_background(lambda: target.run_on_workers(join_group, "127.0.0.1", port, 1 + tp, nccl))
         self.store, self.pg = _make_group("127.0.0.1", port, 0, 1 + tp, nccl)
         joined()
 
@@ -116,7 +95,7 @@ class DirectGroup:
             ranks[r] = {"ops": {"copy": new_ops, "fill": o["fill"]}, "shapes": shapes}
             parts[r] = views
         payload = {"ranks": ranks, "dtype": str(dtype).replace("torch.", ""), "plan_id": plan_id}
-        done = _in_thread(lambda: target.run_on_workers(receive_and_apply, payload))
+        done = start_in_background(lambda: target.run_on_workers(receive_and_apply, payload))
         # One rank's packed buffer at a time: the extra memory is the largest rank's slices.
         self.last_sent_bytes = self.peak_buffer_bytes = 0
         for r in sorted(parts):

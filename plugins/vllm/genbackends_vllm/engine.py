@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from genbackends.background import start_in_background
 from genbackends.errors import BackendStateError, ConfigError
 
 from genbackends_vllm import compat
@@ -196,37 +197,14 @@ class LocalEngine:
         if self._group is None:
             world = 1 + self.kwargs.get("tensor_parallel_size", 1) * self.kwargs.get("pipeline_parallel_size", 1)
             port = self.sync_port or free_port()
-            joined = self._in_thread(lambda: self.collective_rpc("genbackends_sync_open", args=("127.0.0.1", port, world)))
+            joined = start_in_background(lambda: self.collective_rpc("genbackends_sync_open", args=("127.0.0.1", port, world)))
             self._group = SyncGroup("127.0.0.1", port, 0, world)
             joined()
         meta = meta_of(pairs)
-        done = self._in_thread(lambda: self.collective_rpc("genbackends_sync_bucket", args=(meta,)))
+        done = start_in_background(lambda: self.collective_rpc("genbackends_sync_bucket", args=(meta,)))
         for _, t in pairs:
             self._group.broadcast(to_wire(t))
         done()
-
-    @staticmethod
-    def _in_thread(fn: Callable[[], Any]) -> Callable[[], Any]:
-        # collective_rpc blocks until the workers return, and they only return once rank 0 has
-        # sent: run the RPC in a thread while this thread sends.
-        box: dict[str, Any] = {}
-
-        def target() -> None:
-            try:
-                box["result"] = fn()
-            except BaseException as e:  # re-raised in join
-                box["error"] = e
-
-        th = threading.Thread(target=target, daemon=True)
-        th.start()
-
-        def join() -> Any:
-            th.join()
-            if "error" in box:
-                raise box["error"]
-            return box.get("result")
-
-        return join
 
     def reset_prefix_cache(self) -> None:
         compat.reset_prefix_cache(self._need())
