@@ -15,9 +15,10 @@ Lifecycle::
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
@@ -125,6 +126,20 @@ class GenerationBackend(ABC):
         }
         self._emit("genbackends_on_after_generate", backend=self, records=records, stats=stats)
         return records
+
+    @contextlib.contextmanager
+    def sampling_overrides(self, **updates: Any) -> Iterator[None]:
+        """Change sampling knobs for the calls inside the ``with`` block, then restore them.
+
+        Sampling is applied per request, so one engine serves every variant (probe logprobs,
+        greedy checks, eval sweeps) without a restart.
+        """
+        old = self.config.sampling
+        self.config.sampling = old.model_copy(update=updates)
+        try:
+            yield
+        finally:
+            self.config.sampling = old
 
     # ---- helpers for subclasses ------------------------------------------------------------
     def _emit(self, hook_name: str, **kwargs: Any) -> None:

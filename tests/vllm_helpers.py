@@ -34,12 +34,8 @@ def vllm_config(model: Path | str, **over: Any) -> GenConfig:
 def sampling(backend: Any, **upd: Any) -> Iterator[None]:
     """Temporarily change the backend's sampling knobs (sampling is per request in vLLM, so one
     engine serves every variant)."""
-    old = backend.config.sampling
-    backend.config.sampling = old.model_copy(update=upd)
-    try:
+    with backend.sampling_overrides(**upd):
         yield
-    finally:
-        backend.config.sampling = old
 
 
 class HFReference:

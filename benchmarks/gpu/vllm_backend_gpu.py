@@ -227,12 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     res.section("throughput", throughput)
 
     def probe_logprobs(backend: Any) -> list[list[float]]:
-        old = backend.config.sampling
-        backend.config.sampling = old.model_copy(update={"prompt_logprobs": 0, "max_new_tokens": 1, "temperature": 0.0})
-        try:
+        with backend.sampling_overrides(prompt_logprobs=0, max_new_tokens=1, temperature=0.0):
             recs = backend.decode_internal(backend.forward_step(probes))
-        finally:
-            backend.config.sampling = old
         return [r.prompt_logprobs[1:] for r in recs]
 
     def max_diff(a: list[list[float]], c: list[list[float]]) -> float:
@@ -328,10 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         if bk is not None:
             bk.sync_weights(weights)
             engine_lp["lp"] = probe_logprobs(bk)
-            old = bk.config.sampling
-            bk.config.sampling = old.model_copy(update={"temperature": 0.0, "max_new_tokens": 16})
-            engine_lp["greedy"] = [r.token_ids for r in bk.decode_internal(bk.forward_step(probes))]
-            bk.config.sampling = old
+            with bk.sampling_overrides(temperature=0.0, max_new_tokens=16):
+                engine_lp["greedy"] = [r.token_ids for r in bk.decode_internal(bk.forward_step(probes))]
             bk.shutdown()
             state["backend"] = None
         cfg = AutoConfig.from_pretrained(str(model_dir))

@@ -1,27 +1,16 @@
 """Built-in verification: the backend's prompt logprobs against the trainer's own forward pass."""
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from genbackends_megatron.model_builder import MegatronModel, forward_logprobs
 
 
-@contextlib.contextmanager
-def _sampling(backend: Any, **upd: Any) -> Iterator[None]:
-    old = backend.config.sampling
-    backend.config.sampling = old.model_copy(update=upd)
-    try:
-        yield
-    finally:
-        backend.config.sampling = old
-
-
 def backend_prompt_logprobs(backend: Any, probes: Sequence[Sequence[int]]) -> list[list[float]]:
     """Logprob of every prompt token after the first, as the backend computes it."""
-    with _sampling(backend, temperature=0.0, max_new_tokens=1, prompt_logprobs=0, n=1, ignore_eos=True):
+    with backend.sampling_overrides(temperature=0.0, max_new_tokens=1, prompt_logprobs=0, n=1, ignore_eos=True):
         recs = backend.decode_internal(backend.forward_step([list(map(int, p)) for p in probes]))
     # Records come in prompt order, then completion index; one completion per prompt here.
     return [[float(x) for x in r.prompt_logprobs[1:]] for r in recs if r.index == 0]
