@@ -24,6 +24,14 @@ import torch
 from genbackends.errors import WeightSyncError
 
 
+def tensor_nbytes(shape: Iterable[int], dtype: torch.dtype) -> int:
+    """Bytes of a dense tensor of this shape and dtype (metadata only, nothing allocated)."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """Shape and dtype of one HF-named tensor a source will produce."""
@@ -33,10 +41,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return tensor_nbytes(self.shape, self.dtype)
 
 
 @runtime_checkable
@@ -78,7 +83,7 @@ class TensorListSource:
         return {n: TensorSpec(tuple(t.shape), t.dtype) for n, t in self._items}
 
     def iter_buckets(self, bucket_bytes: int | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        yield from _bucketize(iter(self._items), bucket_bytes)
+        yield from bucketize(iter(self._items), bucket_bytes)
 
 
 class SafetensorsFolderSource:
@@ -117,7 +122,7 @@ class SafetensorsFolderSource:
                     for name in names:
                         yield name, fh.get_tensor(name)
 
-        yield from _bucketize(pairs(), bucket_bytes)
+        yield from bucketize(pairs(), bucket_bytes)
 
 
 _SAFETENSORS_DTYPES = {
@@ -134,9 +139,12 @@ def _dtype_from_safetensors(code: str) -> torch.dtype:
         raise WeightSyncError(f"unsupported safetensors dtype {code!r}") from None
 
 
-def _bucketize(
+def bucketize(
     pairs: Iterator[tuple[str, torch.Tensor]], bucket_bytes: int | None
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group ``(name, tensor)`` pairs, in order, into lists of at most ``bucket_bytes`` (a single
+    larger tensor gets a bucket of its own; ``None`` or 0: one bucket). Lazy: a pair is pulled
+    from ``pairs`` only when the bucket it may join is being filled."""
     if not bucket_bytes:
         yield list(pairs)
         return

@@ -20,6 +20,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from genbackends.weights import bucketize
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from multigpu_common import (  # noqa: E402
@@ -117,20 +119,14 @@ class _GroupReceiveSource:
     def iter_buckets(self, bucket_bytes: int | None = None):
         import torch
 
-        cap = bucket_bytes or (256 << 20)
-        bucket, size = [], 0
-        for name in self.order:
-            spec = self._manifest[name]
-            t = torch.empty(spec.shape, dtype=spec.dtype, device=self.device)
-            self.bcast(t)
-            n = t.numel() * t.element_size()
-            if bucket and size + n > cap:
-                yield bucket
-                bucket, size = [], 0
-            bucket.append((name, t))
-            size += n
-        if bucket:
-            yield bucket
+        def received():
+            for name in self.order:
+                spec = self._manifest[name]
+                t = torch.empty(spec.shape, dtype=spec.dtype, device=self.device)
+                self.bcast(t)
+                yield name, t
+
+        yield from bucketize(received(), bucket_bytes or (256 << 20))
 
 
 def _stateless_pg(spec: dict[str, Any], rank: int) -> tuple[Any, Any]:

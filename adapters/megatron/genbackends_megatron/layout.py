@@ -16,13 +16,14 @@ from __future__ import annotations
 import functools
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
 from genbackends.errors import WeightSyncError
+from genbackends.weights import tensor_nbytes
 from genbackends_megatron.tables import ArchTable, Rule, table_for
 
 
@@ -53,10 +54,7 @@ class ParamSpec:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return tensor_nbytes(self.shape, self.dtype)
 
 
 @dataclass(frozen=True)
