@@ -5,8 +5,8 @@ Scenarios:
 
 * ``colocated`` (a, b, c): Megatron TPxPP on all ranks; vLLM (``external_launcher``) with
   ``engine_tp`` inside the same ranks (``engine_tp < world``: several replicas). Paths: ``direct``
-  (plan copies into vLLM parameters, :mod:`multigpu_direct`) and ``universal`` (HF-named tensors
-  through the adapter's source and ``backend.sync_weights``).
+  (plan copies into each rank's vLLM worker, the adapter's colocated direct writer) and
+  ``universal`` (HF-named tensors through the adapter's source and ``backend.sync_weights``).
 * ``separate`` (d): Megatron TP1 alone on rank 0, a vLLM TP1 engine alone on rank 1, each with its
   own private default group; weights travel over a stand-alone two-rank group (NCCL/gloo).
 * ``generation`` (e): one engine of ``engine_tp`` in this process, throughput on a fixed workload.
@@ -49,8 +49,6 @@ def run_colocated(spec: dict[str, Any], rank: int, world: int) -> dict[str, Any]
     from genbackends_megatron import make_source
     from genbackends_megatron.verify import parity
 
-    from multigpu_direct import ColocatedDirectSync
-
     res: dict[str, Any] = {"megatron": {"tp": spec["tp"], "pp": spec["pp"]}, "engine_tp": spec["engine_tp"],
                            "replicas": world // spec["engine_tp"], "world": world}
     t0 = time.perf_counter()
@@ -72,16 +70,10 @@ def run_colocated(spec: dict[str, Any], rank: int, world: int) -> dict[str, Any]
         perturb(model, k)  # each path must deliver weights the engine has not seen yet
         out: dict[str, Any] = {}
         try:
-            if path == "direct":
-                t0 = time.perf_counter()
-                mover = ColocatedDirectSync(source, backend, spec["engine_tp"])
-                out["plan_s"] = time.perf_counter() - t0
-                out["remote_bytes_per_rank"] = mover.remote_bytes
-                once = mover.sync
-            else:
-                def once() -> Any:
-                    rep = source.sync(backend, path="universal")
-                    return rep.to_dict() if rep is not None else None
+            def once() -> Any:
+                rep = source.sync(backend, path=path)
+                return rep.to_dict() if rep is not None else None
+
             warm, last = timed(once, spec, dist.barrier)
             times = []
             for _ in range(reps):

@@ -259,15 +259,19 @@ def apply_ops(model: Any, tp_rank: int, ops: dict, srcs: dict, plan_id: int) -> 
 # ---------------------------------------------------------------------------------------------
 def write_direct_collective(source: Any, backend: Any | None):
     """Collective over trainer ranks; the engine host (``source.engine_ranks[0]``) holds the
-    backend. Returns the host's :class:`SyncReport`, None elsewhere."""
+    backend. Returns the host's :class:`SyncReport`, None elsewhere. With several engine ranks
+    (colocated engine workers, one per rank) each writes its own worker
+    (:mod:`genbackends_megatron.direct_colocated`)."""
     from genbackends.weights import PhaseTimer, SyncReport
 
+    if len(source.engine_ranks) > 1:
+        from genbackends_megatron.direct_colocated import write_direct_colocated
+
+        return write_direct_colocated(source, backend)
     timer = PhaseTimer()
     topo = source.topo
     me = topo.rank
     host = source.engine_ranks[0]
-    if len(source.engine_ranks) != 1:
-        raise WeightSyncError("the direct path supports one engine host rank; use the universal path for colocated engines")
     err, st, tp = None, None, 0
     if me == host:
         try:
@@ -298,7 +302,7 @@ def write_direct_collective(source: Any, backend: Any | None):
         recv: dict = {}
         if me == host:
             for owner in sorted(remote):
-                sizes = [_numel(plan, p) for p in remote[owner]]
+                sizes = [piece_numel(plan, p) for p in remote[owner]]
                 flat = torch.empty(sum(sizes), dtype=source.dtype, device=next(iter(shards.values())).device)
                 dist.recv(flat, src=owner)
                 moved += flat.numel() * flat.element_size()
@@ -340,7 +344,8 @@ def write_direct_collective(source: Any, backend: Any | None):
                       phases={**timer.phases, **details["phases"]}, details=details)
 
 
-def _numel(plan: Plan, p) -> int:
+def piece_numel(plan: Plan, p) -> int:
+    """Elements of piece ``p``'s source slice."""
     n = p.length
     for i, d in enumerate(plan.src[p.src].shape):
         if i != p.axis:

@@ -1,0 +1,192 @@
+"""The direct path into colocated engines: several trainer ranks each host one engine worker.
+
+With vLLM's ``external_launcher`` executor every trainer rank runs one worker of the engine (or
+of one of several data-parallel replicas), and ``run_on_workers`` reaches only that rank's own
+worker. A single engine host (:func:`~genbackends_megatron.direct.write_direct_collective`) can
+therefore not write every engine rank; here every engine rank writes its own worker:
+
+1. Each engine rank reports the TP rank of its worker and the engine's TP size (all ranks agree
+   on them; a trainer rank that hosts no engine only sends).
+2. Per engine rank, a pure plan Megatron layout -> that worker's vLLM parameters, preferring
+   source shards the rank itself holds (replicated norms, equal TP), validated against the
+   worker's real parameters. All ranks agree on the outcome before a byte moves.
+3. Slices held by another rank travel once per sync, one packed buffer per (owner, destination)
+   pair, in one ``batch_isend_irecv`` over the trainer's default group (NCCL on GPUs: the
+   fast link between the ranks). Receive buffers persist between syncs, so the worker's compiled
+   copy views stay cached.
+4. Each engine rank copies its local and received slices straight into its worker's parameters
+   (:func:`~genbackends_megatron.direct.apply_on_worker`), then drops the engine's prefix cache.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from genbackends.errors import WeightSyncError
+from genbackends_megatron.direct import apply_on_worker, check_engine_layout, piece_numel
+from genbackends_megatron.topology import agree
+
+_CACHE_KEY = "colocated"
+
+
+def _worker_tp_rank(model: Any, tp_rank: int) -> int:
+    return int(tp_rank)
+
+
+class ColocatedDirectWriter:
+    """Plans once per (source, engine) pair; :meth:`sync` moves the bytes. Both are collective
+    over all trainer ranks (``backend`` on engine ranks, None elsewhere)."""
+
+    def __init__(self, source: Any, backend: Any | None):
+        from genbackends_megatron.layout import vllm_layout
+        from genbackends_megatron.plan import make_plan
+        from genbackends_megatron.vllm_glue import logical_params
+
+        t0 = time.perf_counter()
+        self.source, self.backend = source, backend
+        topo = source.topo
+        self.me = topo.rank
+        hosts = tuple(source.engine_ranks)
+        # 1. Which engine TP rank lives on which trainer rank (and the engine's TP size).
+        mine: tuple[int, int] | None = None
+        err = None
+        if backend is not None:
+            try:
+                ranks = backend.run_on_workers(_worker_tp_rank)
+                if len(ranks) != 1:
+                    raise WeightSyncError(f"expected one engine worker in this process, found {len(ranks)} "
+                                          "(colocated engines use the external_launcher executor)")
+                mine = (int(ranks[0]), int(backend.engine_layout()["tensor_parallel_size"]))
+            except Exception as ex:  # noqa: BLE001 - every rank must learn of it (agree) before raising
+                err = f"{type(ex).__name__}: {ex}"
+        elif self.me in hosts:
+            err = "this rank is listed in engine_ranks but was given no backend"
+        agree(err)
+        everyone = _all_gather(mine)
+        self.engine_rank_of = {g: everyone[g][0] for g in hosts}
+        sizes = {everyone[g][1] for g in hosts}
+        if len(sizes) != 1:
+            raise WeightSyncError(f"engine ranks disagree on the engine's TP size: {sorted(sizes)}")
+        self.engine_tp = sizes.pop()
+        bad = {g: e for g, e in self.engine_rank_of.items() if not 0 <= e < self.engine_tp}
+        if bad:
+            raise WeightSyncError(f"engine TP rank out of range on trainer rank(s) {bad} (TP {self.engine_tp})")
+        # 2. One plan per engine rank, preferring shards the destination holds itself.
+        dst_all = vllm_layout(source.dims, self.engine_tp, source.dtype)
+
+        def owner(loc: tuple[int, int, int]) -> int:
+            pp, _v, t = loc
+            return topo.where[(pp, t)]
+
+        self.plans: dict[int, Any] = {}
+        for g in hosts:
+            e = self.engine_rank_of[g]
+            dst = {k: v for k, v in dst_all.items() if k[0] == (e,)}
+            self.plans[g] = make_plan(source.layout, dst, prefer=lambda s, d, g=g: 0 if owner(s.loc) == g else 1 + owner(s.loc))
+        err = None
+        if backend is not None:
+            try:
+                params = backend.run_on_workers(logical_params)[0]["params"]
+                check_engine_layout(self.plans[self.me].dst, {self.engine_rank_of[self.me]: params})
+            except Exception as ex:  # noqa: BLE001 - agreed below
+                err = str(ex) if isinstance(ex, WeightSyncError) else f"{type(ex).__name__}: {ex}"
+        agree(err)
+        # 3. Who sends which slices to whom.
+        shards = source.model.named_shards()
+        self.device = next(iter(shards.values())).device
+        self.sends: dict[int, list[Any]] = defaultdict(list)  # destination -> my pieces it needs
+        self.recvs: dict[int, list[Any]] = defaultdict(list)  # owner -> pieces I need from it
+        for g, plan in self.plans.items():
+            for p in plan.pieces:
+                o = owner(p.src[0])
+                if o == g:
+                    continue
+                if o == self.me:
+                    self.sends[g].append(p)
+                if g == self.me:
+                    self.recvs[o].append(p)
+        self.recv_bufs = {o: torch.empty(sum(piece_numel(self.plans[self.me], p) for p in lst), dtype=source.dtype, device=self.device)
+                          for o, lst in self.recvs.items()}
+        self.remote_bytes = sum(b.numel() * b.element_size() for b in self.recv_bufs.values())
+        self.ops, self.remote_views = self._worker_ops() if backend is not None else ({}, {})
+        self.plan_id = id(self.plans.get(self.me))
+        self.plan_seconds = time.perf_counter() - t0
+
+    def _worker_ops(self) -> tuple[dict[int, dict[str, list]], dict[Any, torch.Tensor]]:
+        """This rank's copy/fill list; pieces from other ranks read from views of the receive buffers."""
+        plan = self.plans[self.me]
+        views: dict[Any, torch.Tensor] = {}
+        remote_key: dict[Any, Any] = {}
+        for o, lst in self.recvs.items():
+            off = 0
+            for i, p in enumerate(lst):
+                n = piece_numel(plan, p)
+                shape = list(plan.src[p.src].shape)
+                shape[p.axis] = p.length
+                key = f"remote/{o}/{i}"
+                views[key] = self.recv_bufs[o][off:off + n].view(shape)
+                remote_key[p] = key
+                off += n
+        copies = [(remote_key[p], p.dst[1], p.axis, 0, p.dst_lo, p.length) if p in remote_key
+                  else (p.src, p.dst[1], p.axis, p.src_lo, p.dst_lo, p.length) for p in plan.pieces]
+        fills = [(f.dst[1], f.axis, f.lo, f.length) for f in plan.fills]
+        return {self.engine_rank_of[self.me]: {"copy": copies, "fill": fills}}, views
+
+    def sync(self) -> Any:
+        """Exchange remote slices, then copy into this rank's engine worker. Returns a
+        :class:`~genbackends.weights.SyncReport` on engine ranks, None elsewhere."""
+        from genbackends.weights import PhaseTimer, SyncReport
+
+        timer = PhaseTimer()
+        shards = {k: v.detach() for k, v in self.source.model.named_shards().items()}
+        sent = 0
+        with timer.phase("exchange"):
+            ops = []
+            for g, lst in sorted(self.sends.items()):
+                flat = torch.cat([shards[p.src].narrow(p.axis, p.src_lo, p.length).reshape(-1) for p in lst])
+                sent += flat.numel() * flat.element_size()
+                ops.append(dist.P2POp(dist.isend, flat, g))
+            for o, buf in sorted(self.recv_bufs.items()):
+                ops.append(dist.P2POp(dist.irecv, buf, o))
+            if ops:
+                for req in dist.batch_isend_irecv(ops):
+                    req.wait()
+        self.source.peak_extra_bytes = self.remote_bytes + sent  # receive buffers + this sync's send buffers
+        if self.backend is None:
+            return None
+        with timer.phase("write"):
+            res = self.backend.run_on_workers(apply_on_worker, {"ops": self.ops, "src": {**shards, **self.remote_views},
+                                                                "plan_id": self.plan_id})
+        with timer.phase("reset_cache"):
+            for r in getattr(self.backend, "replicas", []):
+                r.reset_prefix_cache()
+        written = int(sum(r["bytes"] for r in res))
+        return SyncReport(path="direct", transport="p2p+colocated", num_tensors=int(sum(r["params"] for r in res)),
+                          bytes_moved=written, seconds=timer.total, phases=dict(timer.phases),
+                          details={"received_bytes": self.remote_bytes, "sent_bytes": sent, "engine_tp": self.engine_tp,
+                                   "engine_rank": self.engine_rank_of[self.me], "plan_seconds": self.plan_seconds,
+                                   "plan_pieces": len(self.plans[self.me].pieces)})
+
+
+def write_direct_colocated(source: Any, backend: Any | None) -> Any:
+    """Collective direct sync when several trainer ranks host engine workers (``engine_ranks``).
+    The plan is built and validated on the first sync into an engine and reused afterwards."""
+    writer = source._direct_cache.get(_CACHE_KEY)
+    # Rebuild when any rank sees a new engine (a collective decision: all rebuild or none).
+    stale = writer is None or writer.backend is not backend
+    if any(_all_gather(stale)):
+        source._direct_cache[_CACHE_KEY] = writer = ColocatedDirectWriter(source, backend)
+    return writer.sync()
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        out: list = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
