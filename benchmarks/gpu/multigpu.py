@@ -9,7 +9,8 @@ Scenarios (each in its own set of processes, with a timeout; a failure is record
   a  colocated: Megatron TP=n -> vLLM TP=n in the same ranks (external_launcher), direct and universal paths
   b  colocated: Megatron TP=n -> n vLLM TP1 replicas (one per rank), direct and universal paths
   c  colocated: Megatron TP1 PP2 (4 GPUs: TP2 PP2) -> vLLM TP=n, direct and universal paths
-  d  separate: Megatron TP1 on rank 0, vLLM TP1 on rank 1, weights over a stand-alone NCCL/gloo group
+  d  separate: Megatron TP=n/2 on GPUs 0.., vLLM TP=n/2 on the other half, weights over a
+     genbackends.channel.WeightChannel (stand-alone NCCL/gloo group)
   e  generation: vLLM TP1 vs TP2 (vs TP4) throughput, 256 prompts x 128 in / 128 out, ignore_eos, each
      engine in its own process (--size 8b: the 8B-class Llama shape; dummy weights)
 
@@ -52,8 +53,8 @@ def scenario_specs(key: str, gpus: int) -> list[dict[str, Any]]:
     if key == "c":
         tp = n // 2
         return [{"kind": "colocated", "world": n, "tp": tp, "pp": 2, "engine_tp": n, "paths": ["direct", "universal"]}]
-    if key == "d":
-        return [{"kind": "separate", "world": 2}]
+    if key == "d":  # half the GPUs train, the other half serve
+        return [{"kind": "separate", "world": n, "trainer_tp": n // 2, "engine_tp": n // 2}]
     if key == "e":
         return [{"kind": "generation", "world": 1, "engine_tp": t} for t in (1, 2, 4) if t <= n]
     raise SystemExit(f"--scenarios: unknown scenario {key!r}; choose from {','.join(NAMES)}")
@@ -86,15 +87,21 @@ def run_ranks(spec: dict[str, Any], log_dir: Path, timeout_s: float, gpus: int) 
                    MASTER_PORT=str(spec["master_port"]), GENBACKENDS_MULTIGPU_T0=str(time.time()),
                    VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONUNBUFFERED="1")
         env[SPEC_ENV] = json.dumps(spec)
-        if spec["kind"] == "separate" and not spec["cpu"]:
-            env["CUDA_VISIBLE_DEVICES"] = str(r)  # each side sees only its own GPU (own default group)
+        if spec["kind"] == "separate":
+            # Each side sees only its own GPUs and ranks (its own default group).
+            t = spec["trainer_tp"]
+            side = range(t) if r < t else range(t, world)
+            env["LOCAL_RANK"] = str(r - side[0])
+            if not spec["cpu"]:
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, side))
         if spec["kind"] == "generation" and not spec["cpu"]:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(spec["engine_tp"]))
         if spec["cpu"] and spec["kind"] == "colocated":
             ncpu = os.cpu_count() or 1
             env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % ncpu) for i in range(world))
         if spec["cpu"] and spec["kind"] == "separate":
-            env["VLLM_CPU_OMP_THREADS_BIND"] = str(r % (os.cpu_count() or 1))
+            ncpu = os.cpu_count() or 1
+            env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str((spec["trainer_tp"] + i) % ncpu) for i in range(world - spec["trainer_tp"]))
         log = log_dir / f"{spec['name']}-rank{r}.log"
         logs.append(log)
         procs.append(subprocess.Popen([sys.executable, str(HERE / "multigpu_rank.py")], env=env, stdout=log.open("w"),
@@ -204,8 +211,11 @@ def summary_rows(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], l
             floors = r.get("floors", {})
             ag = (floors.get("allgather") or {}).get("median_s")
             cp = (floors.get("copy") or {}).get("median_s")
-            trainer = (f"TP{lay['tp']} PP{lay['pp']}" if lay["kind"] == "colocated" else "TP1 (rank 0)")
-            engine = (f"{r.get('replicas', '?')} x TP{lay['engine_tp']}" if lay["kind"] == "colocated" else "TP1 (rank 1)")
+            if lay["kind"] == "colocated":
+                trainer, engine = f"TP{lay['tp']} PP{lay['pp']}", f"{r.get('replicas', '?')} x TP{lay['engine_tp']}"
+            else:
+                t, e = lay["trainer_tp"], lay["engine_tp"]
+                trainer, engine = f"TP{t} ({_gpus(0, t)})", f"TP{e} ({_gpus(t, t + e)})"
             paths = r.get("paths") or {"-": {}}
             for path, p in paths.items():
                 par = p.get("parity") or {}
@@ -219,6 +229,10 @@ def summary_rows(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], l
                              "parity_before_max": (r.get("parity_before_sync") or {}).get("max_abs_diff"),
                              "ok": p.get("ok", False)})
     return sync, gen
+
+
+def _gpus(lo: int, hi: int) -> str:
+    return f"GPU {lo}" if hi - lo == 1 else f"GPUs {lo}-{hi - 1}"
 
 
 def _f(x: Any, fmt: str = ".4g") -> str:
@@ -285,7 +299,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ap.error(f"--scenarios: unknown scenario {k!r}; choose from {','.join(NAMES)}")
     args.keys = keys
     if cpu and args.gpus != 2:
-        ap.error("--gpus: the CPU mode runs 2 ranks (this machine has 2 cores)")
+        print(f"note: --cpu --gpus {args.gpus} oversubscribes this machine's cores (slow, but the same code paths)", flush=True)
     return args
 
 

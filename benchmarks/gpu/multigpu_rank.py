@@ -7,8 +7,9 @@ Scenarios:
   ``engine_tp`` inside the same ranks (``engine_tp < world``: several replicas). Paths: ``direct``
   (plan copies into each rank's vLLM worker, the adapter's colocated direct writer) and
   ``universal`` (HF-named tensors through the adapter's source and ``backend.sync_weights``).
-* ``separate`` (d): Megatron TP1 alone on rank 0, a vLLM TP1 engine alone on rank 1, each with its
-  own private default group; weights travel over a stand-alone two-rank group (NCCL/gloo).
+* ``separate`` (d): Megatron TP=T alone on ranks 0..T-1, a vLLM TP=E engine alone on the next E
+  ranks, each side with its own default group and GPUs; weights travel over a
+  :class:`~genbackends.channel.WeightChannel` (trainer rank 0 -> every engine rank, NCCL/gloo).
 * ``generation`` (e): one engine of ``engine_tp`` in this process, throughput on a fixed workload.
 """
 from __future__ import annotations
@@ -19,8 +20,6 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any
-
-from genbackends.weights import bucketize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -98,155 +97,123 @@ def _trim(obj: Any) -> Any:
     return obj
 
 
-class _GroupReceiveSource:
-    """A WeightSource on the engine rank whose tensors arrive, in the sender's order, over a
-    stand-alone process group (rank 0 sends)."""
-
-    def __init__(self, pg: Any, order: list[str], manifest: dict[str, Any], device: Any, bcast: Any):
-        self.pg, self.order, self._manifest, self.device, self.bcast = pg, order, manifest, device, bcast
-
-    def manifest(self) -> dict[str, Any]:
-        return self._manifest
-
-    def iter_buckets(self, bucket_bytes: int | None = None):
-        import torch
-
-        def received():
-            for name in self.order:
-                spec = self._manifest[name]
-                t = torch.empty(spec.shape, dtype=spec.dtype, device=self.device)
-                self.bcast(t)
-                yield name, t
-
-        yield from bucketize(received(), bucket_bytes or (256 << 20))
-
-
-def _stateless_pg(spec: dict[str, Any], rank: int) -> tuple[Any, Any]:
-    """A two-rank process group (NCCL on GPUs, gloo on the CPU) that leaves each process's own
-    default group alone (vLLM's helper builds it), plus a TCPStore for small metadata."""
-    import datetime
-    import inspect
-
-    from torch.distributed import TCPStore
-    from vllm.distributed.utils import stateless_init_torch_distributed_process_group as make_pg
-
-    backend = "gloo" if spec["cpu"] else "nccl"
-    store = TCPStore("127.0.0.1", spec["master_port"] + 2, 2, is_master=rank == 0,
-                     timeout=datetime.timedelta(seconds=300), wait_for_workers=False)
-    if "return_store" in inspect.signature(make_pg).parameters:  # newer releases return a tuple
-        pg, _ = make_pg("127.0.0.1", spec["group_port"], rank, 2, backend, return_store=True)
-    else:
-        pg = make_pg("127.0.0.1", spec["group_port"], rank, 2, backend)
-    return pg, store
-
-
-def _make_bcast(pg: Any) -> Any:
-    import torch.distributed as dist
-
-    def bcast(t: Any) -> None:
-        opts = dist.BroadcastOptions()
-        opts.rootRank = 0
-        opts.rootTensor = 0
-        pg.broadcast([t], opts).wait()
-
-    return bcast
-
-
 def run_separate(spec: dict[str, Any], rank: int, world: int) -> dict[str, Any] | None:
-    """Rank 0: trainer. Rank 1: engine. Private default groups, one shared stand-alone group."""
+    """Ranks ``0..T-1``: Megatron TP=T (own default group, own GPUs). Ranks ``T..T+E-1``: one vLLM
+    TP=E engine (``external_launcher`` when E > 1; own default group, own GPUs). Weights travel
+    over a :class:`~genbackends.channel.WeightChannel`: trainer rank 0 -> every engine rank."""
     import pickle
 
     import torch
 
-    # Each side's own default group: a world of one (the trainer's megatron, the engine's vLLM).
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_PORT=str(spec["master_port"]))
-    dev = "cpu" if spec["cpu"] else torch.device("cuda", 0)
-    res: dict[str, Any] = {"trainer": "megatron tp1 on rank 0", "engine": "vllm tp1 on rank 1"}
-    if rank == 0:
+    from genbackends.channel import WeightChannel
+
+    T, E = int(spec.get("trainer_tp", 1)), int(spec.get("engine_tp", 1))
+    trainer = rank < T
+    local = rank if trainer else rank - T
+    # Each side's own default group (the trainer's megatron, the engine's vLLM); the launcher
+    # already gave each side its own GPUs and a side-local LOCAL_RANK.
+    os.environ.update(RANK=str(local), WORLD_SIZE=str(T if trainer else E), LOCAL_RANK=str(local),
+                      MASTER_PORT=str(spec["master_port"] + (0 if trainer else 3)))
+    dev = torch.device("cpu") if spec["cpu"] else torch.device("cuda", torch.cuda.current_device())
+    res: dict[str, Any] = {"trainer": f"megatron tp{T} on ranks 0..{T - 1}", "engine": f"vllm tp{E} on ranks {T}..{T + E - 1}"}
+    channel = None
+    if trainer:
         from genbackends_megatron import make_source
         from genbackends_megatron.model_builder import forward_logprobs
 
         t0 = time.perf_counter()
-        model = _build_trainer(spec, 1, 1)
+        model = _build_trainer(spec, T, 1)
         res["trainer_build_s"] = time.perf_counter() - t0
-        source = make_source(model)
-        pg, store = _stateless_pg(spec, rank)
+        source = make_source(model)  # trainer rank 0 assembles the HF tensors
         man = source.manifest()
-        order = [n for b in source.iter_buckets(1 << 62) for n, _ in b]
-        store.set("order", pickle.dumps(order))
+        if rank == 0:
+            channel = WeightChannel("127.0.0.1", spec["group_port"], 0, 1 + E, device=dev)
     else:
         from genbackends.registry import get_registry
 
         t0 = time.perf_counter()
-        backend = get_registry().create_backend(backend_config(spec, tp=1, executor=None))
+        backend = get_registry().create_backend(backend_config(spec, tp=E, executor="external_launcher" if E > 1 else None))
         backend.setup()
         res["engine_start_s"] = time.perf_counter() - t0
-        pg, store = _stateless_pg(spec, rank)
-        order = pickle.loads(store.get("order"))
-        from genbackends.weights import TensorSpec, validate_manifest
-
+        channel = WeightChannel("127.0.0.1", spec["group_port"], 1 + local, 1 + E, device=dev)
         exp = backend.expected_weights()
-        man = {n: TensorSpec(tuple(exp[n]), torch_dtype(spec)) for n in order}
-        validate_manifest(man, exp)
-    bcast = _make_bcast(pg)
-    nbytes = model_bytes(man)
-    reps = spec["repeats"]
-    floors = {"allgather": allgather_floor(nbytes, spec, reps, pg=pg), "copy": copy_floor(nbytes, spec, reps)}
-    # Broadcast of the same bytes root 0 -> 1 on the same group: the link's floor for this layout.
-    buf = torch.ones(max(1, nbytes // torch.empty((), dtype=torch_dtype(spec)).element_size()), dtype=torch_dtype(spec), device=dev)
-    bcast(buf)
-    floors["broadcast"] = {"bytes": nbytes, **summarize([timed(lambda: bcast(buf), spec, lambda: pg_barrier(pg, spec))[0]
-                                                         for _ in range(reps)])}
-    del buf
-    from multigpu_common import _release
+        from genbackends.weights import TensorSpec
 
-    _release(spec)
-    pr = None
-    if rank == 0:
-        perturb(model, 0)
-
-        def once() -> Any:
-            for bucket in source.iter_buckets(spec.get("bucket_bytes")):
-                for _n, t in bucket:
-                    bcast(t.contiguous())
-            return None
-    else:
-        src = _GroupReceiveSource(pg, order, man, dev, bcast)
-
-        def once() -> Any:
-            return backend.sync_weights(src).to_dict()
-    warm, last = timed(once, spec, lambda: pg_barrier(pg, spec))
-    times = []
-    for _ in range(reps):
-        dt, last = timed(once, spec, lambda: pg_barrier(pg, spec))
-        times.append(dt)
-    # Parity: the engine's prompt logprobs (rank 1) against the trainer's forward (rank 0).
+        man = {n: TensorSpec(tuple(s), torch_dtype(spec)) for n, s in exp.items()}
     from genbackends_megatron.layout import ModelDims
 
     vocab = ModelDims.from_hf_config(spec["model"]).vocab_size
     pr = probes(vocab, spec["num_probes"], spec["probe_len"])
-    if rank == 0:
-        ours = [forward_logprobs(model, torch.tensor([p]))[0].double().cpu().tolist() for p in pr]
-        eng = pickle.loads(store.get("engine_lp"))
-        d = torch.cat([(torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)).abs()
-                       for a, b in zip(ours, eng)])
-        par = {"max_abs_diff": float(d.max()), "mean_abs_diff": float(d.mean()), "num_tokens": float(d.numel())}
-        engine_side = pickle.loads(store.get("engine_res"))
-        res.update(engine_side)
-        res.update({"model_bytes": nbytes, "floors": floors,
-                    "paths": {"universal": {"warmup_s": warm, **summarize(times), "parity": par,
-                                            "ok": parity_ok(par, spec), "sender_floor": "broadcast"}}})
-        res["paths"]["universal"]["last"] = res.pop("engine_last", None)
-        pg_barrier(pg, spec)  # the engine rank waits for this before it lets the store go
-        return res
+    nbytes = model_bytes(man)
+    reps = spec["repeats"]
+    floors: dict[str, Any] = {}
+    if channel is not None:
+        floors = {"allgather": allgather_floor(nbytes, spec, reps, pg=channel.pg), "copy": copy_floor(nbytes, spec, reps)}
+        # Broadcast of the same bytes from the sender to every engine rank on the same group.
+        buf = torch.ones(max(1, nbytes // torch.empty((), dtype=torch_dtype(spec)).element_size()), dtype=torch_dtype(spec), device=dev)
+        channel.broadcast(buf)
+        floors["broadcast"] = {"bytes": nbytes, **summarize([timed(lambda: channel.broadcast(buf), spec, channel.barrier)[0]
+                                                             for _ in range(reps)])}
+        del buf
+        from multigpu_common import _release
+
+        _release(spec)
+    if trainer:
+        perturb(model, 0)
+        ours = [forward_logprobs(model, torch.tensor([p]))[0].double().cpu() for p in pr]  # collective (TP)
+        if channel is not None:
+            def once() -> Any:
+                return channel.send(source, spec.get("bucket_bytes"))
+            barrier = channel.barrier
+        else:  # other trainer ranks take part in the (collective) assembly only
+            def once() -> Any:
+                for _ in source.iter_buckets(spec.get("bucket_bytes")):
+                    pass
+            barrier = None
+    else:
+        before = backend_prompt_lp(backend, pr)
+        if local == 0:
+            channel.store.set("engine_lp_before", pickle.dumps(before))
+
+        def once() -> Any:
+            return channel.receive(backend).to_dict()
+        barrier = channel.barrier
+    warm, last = timed(once, spec, barrier)
+    times = []
+    for _ in range(reps):
+        dt, last = timed(once, spec, barrier)
+        times.append(dt)
+    if not trainer:
+        lp = backend_prompt_lp(backend, pr)  # collective over the engine's ranks
+        if local == 0:
+            channel.store.set("engine_lp", pickle.dumps(lp))
+            channel.store.set("engine_res", pickle.dumps({"engine_start_s": res["engine_start_s"], "engine_last": last}))
+        channel.barrier()  # keep the store (served by trainer rank 0) alive until rank 0 has read
+        backend.shutdown()
+        return None
+    if rank != 0:
+        return None
+
+    def diff(eng: list[list[float]]) -> dict[str, float]:
+        d = torch.cat([(a - torch.tensor(b, dtype=torch.float64)).abs() for a, b in zip(ours, eng)])
+        return {"max_abs_diff": float(d.max()), "mean_abs_diff": float(d.mean()), "num_tokens": float(d.numel())}
+
+    par = diff(pickle.loads(channel.store.get("engine_lp")))
+    res["parity_before_sync"] = diff(pickle.loads(channel.store.get("engine_lp_before")))
+    engine_side = pickle.loads(channel.store.get("engine_res"))
+    res.update(engine_side)
+    res.update({"model_bytes": nbytes, "floors": floors, "trainer_tp": T, "engine_tp": E,
+                "paths": {"universal": {"warmup_s": warm, **summarize(times), "parity": par, "sender": last,
+                                        "ok": parity_ok(par, spec), "sender_floor": "broadcast"}}})
+    res["paths"]["universal"]["last"] = res.pop("engine_last", None)
+    channel.barrier()
+    return res
+
+
+def backend_prompt_lp(backend: Any, pr: list[list[int]]) -> list[list[float]]:
     from genbackends_megatron.verify import backend_prompt_logprobs
 
-    store.set("engine_lp", pickle.dumps(backend_prompt_logprobs(backend, pr)))
-    store.set("engine_res", pickle.dumps({"engine_start_s": res["engine_start_s"], "engine_last": last,
-                                          "engine_floors": {"copy": floors["copy"]}}))
-    pg_barrier(pg, spec)  # keep the store alive until rank 0 has read
-    backend.shutdown()
-    return None
+    return backend_prompt_logprobs(backend, pr)
 
 
 def run_generation(spec: dict[str, Any], rank: int, world: int) -> dict[str, Any] | None:
