@@ -155,7 +155,7 @@ def run_scenario(key: str, args: argparse.Namespace, base: dict[str, Any], log_d
         timeout = args.timeout
         if key == "e":
             spec.update({"num_prompts": args.num_prompts, "in_len": args.in_len, "out_len": args.out_len,
-                         "enforce_eager": args.eager_generation or args.cpu, "model": base["gen_model"],
+                         "enforce_eager": args.eager_generation or args.cpu, "model": base["gen_model"], "gen_seed": args.gen_seed,
                          "gpu_memory_utilization": 0.85})
             timeout = args.gen_timeout
         timeout = min(timeout, deadline - time.time())
@@ -282,6 +282,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--num-prompts", type=int, default=None, help="generation prompts (default GPU 256, CPU 16)")
     ap.add_argument("--in-len", type=int, default=None, help="generation prompt tokens (default GPU 128, CPU 16)")
     ap.add_argument("--out-len", type=int, default=None, help="generation output tokens (default GPU 128, CPU 16)")
+    ap.add_argument("--gen-seed", type=int, default=None,
+                    help="per-request sampling seed for e (vLLM then samples request by request: slower)")
     ap.add_argument("--eager-generation", action="store_true", help="enforce_eager for e (no CUDA graphs; faster start)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.3, help="engine share of a GPU in a-d")
     args = ap.parse_args(argv)

@@ -224,7 +224,7 @@ def run_generation(spec: dict[str, Any], rank: int, world: int) -> dict[str, Any
     cfg = backend_config(spec, tp=tp, executor=None, seq_length=spec["in_len"] + spec["out_len"] + 8,
                          extra_options={"in_process": tp == 1})
     cfg.sampling = cfg.sampling.model_copy(update={"max_new_tokens": spec["out_len"], "ignore_eos": True,
-                                                   "temperature": 1.0, "seed": 0})
+                                                   "temperature": 1.0, "seed": spec.get("gen_seed")})
     cfg.cache = cfg.cache.model_copy(update={"gpu_memory_utilization": float(spec.get("gen_gpu_memory_utilization", 0.85))}) \
         if not spec["cpu"] else cfg.cache
     t0 = time.perf_counter()
