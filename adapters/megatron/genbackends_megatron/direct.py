@@ -91,7 +91,9 @@ def validate_direct(source: Any, target: Any, check_shards: bool = True) -> Dire
     return st
 
 
-def _ops(plan: Plan, tp: int) -> dict[int, dict[str, list]]:
+def rank_ops(plan: Plan, tp: int) -> dict[int, dict[str, list]]:
+    """Per engine rank, the plan as copy tuples ``(src, dst, axis, src_lo, dst_lo, length)`` and
+    fill tuples ``(dst, axis, lo, length)`` (what the worker side executes)."""
     ops: dict[int, dict[str, list]] = {r: {"copy": [], "fill": []} for r in range(tp)}
     for p in plan.pieces:
         ops[p.dst[0][0]]["copy"].append((p.src, p.dst[1], p.axis, p.src_lo, p.dst_lo, p.length))
@@ -130,7 +132,7 @@ def _execute(st: DirectState, target: Any, srcs: dict, mode: str = "auto", dtype
     workers in other processes) or packed slices pickled through ``run_on_workers`` ("rpc")."""
     t0 = time.perf_counter()
     if st.ops is None:
-        st.ops = _ops(st.plan, st.tp)
+        st.ops = rank_ops(st.plan, st.tp)
     ops = st.ops
     transport = "inprocess" if st.in_process else ("rpc" if mode == "rpc" else "group")
     t1 = time.perf_counter()
@@ -297,36 +299,23 @@ def write_direct_collective(source: Any, backend: Any | None):
     moved = 0
     with timer.phase("p2p"):
         if me != host and me in remote:
-            flat = torch.cat([shards[p.src].narrow(p.axis, p.src_lo, p.length).reshape(-1) for p in remote[me]])
-            dist.send(flat.contiguous(), dst=host)
-        recv: dict = {}
+            dist.send(pack_pieces(shards, remote[me]), dst=host)
+        received: dict = {}
         if me == host:
             for owner in sorted(remote):
-                sizes = [piece_numel(plan, p) for p in remote[owner]]
-                flat = torch.empty(sum(sizes), dtype=source.dtype, device=next(iter(shards.values())).device)
+                flat = torch.empty(sum(piece_numel(plan, p) for p in remote[owner]), dtype=source.dtype,
+                                   device=next(iter(shards.values())).device)
                 dist.recv(flat, src=owner)
                 moved += flat.numel() * flat.element_size()
-                off = 0
-                for p, n in zip(remote[owner], sizes):
-                    shape = list(plan.src[p.src].shape)
-                    shape[p.axis] = p.length
-                    recv[("remote", p)] = flat[off:off + n].view(shape)
-                    off += n
+                for p, view in zip(remote[owner], piece_views(flat, plan, remote[owner])):
+                    received[p] = (("remote", p), view)
     if me != host:
         return None
     source.peak_extra_bytes = moved  # received slices; packed copies for RPC are added below
-    # Rewrite remote pieces to read from the received slices.
-    srcs = dict(shards)
-    ops_plan = Plan(plan.src, plan.dst, [], plan.fills)
-    for p in plan.pieces:
-        k = ("remote", p)
-        if k in recv:
-            srcs[k] = recv[k]
-            ops_plan.pieces.append(type(p)(k, p.dst, p.axis, 0, p.dst_lo, p.length))
-        else:
-            ops_plan.pieces.append(p)
+    ops_plan, recv_srcs = reroute(plan, received)
+    srcs = {**shards, **recv_srcs}
     with timer.phase("write"):
-        if recv:
+        if received:
             sub = DirectState(ops_plan, st.tp, st.in_process, id(ops_plan), group=st.group)
             details = _execute(sub, backend, srcs, source.direct_transport, source.dtype)
             st.group = sub.group
@@ -342,6 +331,38 @@ def write_direct_collective(source: Any, backend: Any | None):
     return SyncReport(path="direct", transport=f"p2p+{details['transport']}", num_tensors=details["num_tensors"],
                       bytes_moved=details["bytes_moved"] + moved, seconds=timer.total,
                       phases={**timer.phases, **details["phases"]}, details=details)
+
+
+def pack_pieces(shards: dict, pieces: list) -> torch.Tensor:
+    """The source slices of ``pieces``, flattened into one contiguous buffer (one send)."""
+    return torch.cat([shards[p.src].narrow(p.axis, p.src_lo, p.length).reshape(-1) for p in pieces])
+
+
+def piece_views(flat: torch.Tensor, plan: Plan, pieces: list) -> list[torch.Tensor]:
+    """Views of a buffer filled by :func:`pack_pieces` (same pieces, same order), one per piece,
+    each shaped like its source slice."""
+    views, off = [], 0
+    for p in pieces:
+        n = piece_numel(plan, p)
+        shape = list(plan.src[p.src].shape)
+        shape[p.axis] = p.length
+        views.append(flat[off:off + n].view(shape))
+        off += n
+    return views
+
+
+def reroute(plan: Plan, received: dict) -> tuple[Plan, dict]:
+    """``plan`` with the pieces in ``received`` (piece -> (key, tensor holding exactly its slice))
+    reading from those tensors instead of the shards; returns the plan and ``{key: tensor}``."""
+    pieces, srcs = [], {}
+    for p in plan.pieces:
+        if p in received:
+            key, t = received[p]
+            srcs[key] = t
+            pieces.append(type(p)(key, p.dst, p.axis, 0, p.dst_lo, p.length))
+        else:
+            pieces.append(p)
+    return Plan(plan.src, plan.dst, pieces, plan.fills), srcs
 
 
 def piece_numel(plan: Plan, p) -> int:

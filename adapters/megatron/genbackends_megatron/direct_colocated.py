@@ -27,8 +27,10 @@ import torch
 import torch.distributed as dist
 
 from genbackends.errors import WeightSyncError
-from genbackends_megatron.direct import apply_on_worker, check_engine_layout, piece_numel
-from genbackends_megatron.topology import agree
+from genbackends_megatron.direct import (
+    apply_on_worker, check_engine_layout, pack_pieces, piece_numel, piece_views, rank_ops, reroute,
+)
+from genbackends_megatron.topology import agree, all_gather_objects
 
 _CACHE_KEY = "colocated"
 
@@ -66,7 +68,7 @@ class ColocatedDirectWriter:
         elif self.me in hosts:
             err = "this rank is listed in engine_ranks but was given no backend"
         agree(err)
-        everyone = _all_gather(mine)
+        everyone = all_gather_objects(mine)
         self.engine_rank_of = {g: everyone[g][0] for g in hosts}
         sizes = {everyone[g][1] for g in hosts}
         if len(sizes) != 1:
@@ -119,22 +121,13 @@ class ColocatedDirectWriter:
     def _worker_ops(self) -> tuple[dict[int, dict[str, list]], dict[Any, torch.Tensor]]:
         """This rank's copy/fill list; pieces from other ranks read from views of the receive buffers."""
         plan = self.plans[self.me]
-        views: dict[Any, torch.Tensor] = {}
-        remote_key: dict[Any, Any] = {}
+        received = {}
         for o, lst in self.recvs.items():
-            off = 0
-            for i, p in enumerate(lst):
-                n = piece_numel(plan, p)
-                shape = list(plan.src[p.src].shape)
-                shape[p.axis] = p.length
-                key = f"remote/{o}/{i}"
-                views[key] = self.recv_bufs[o][off:off + n].view(shape)
-                remote_key[p] = key
-                off += n
-        copies = [(remote_key[p], p.dst[1], p.axis, 0, p.dst_lo, p.length) if p in remote_key
-                  else (p.src, p.dst[1], p.axis, p.src_lo, p.dst_lo, p.length) for p in plan.pieces]
-        fills = [(f.dst[1], f.axis, f.lo, f.length) for f in plan.fills]
-        return {self.engine_rank_of[self.me]: {"copy": copies, "fill": fills}}, views
+            for i, (p, view) in enumerate(zip(lst, piece_views(self.recv_bufs[o], plan, lst))):
+                received[p] = (f"remote/{o}/{i}", view)
+        ops_plan, views = reroute(plan, received)
+        e = self.engine_rank_of[self.me]
+        return {e: rank_ops(ops_plan, self.engine_tp)[e]}, views
 
     def sync(self) -> Any:
         """Exchange remote slices, then copy into this rank's engine worker. Returns a
@@ -147,7 +140,7 @@ class ColocatedDirectWriter:
         with timer.phase("exchange"):
             ops = []
             for g, lst in sorted(self.sends.items()):
-                flat = torch.cat([shards[p.src].narrow(p.axis, p.src_lo, p.length).reshape(-1) for p in lst])
+                flat = pack_pieces(shards, lst)
                 sent += flat.numel() * flat.element_size()
                 ops.append(dist.P2POp(dist.isend, flat, g))
             for o, buf in sorted(self.recv_bufs.items()):
@@ -192,12 +185,4 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
     return flag
-
-
-def _all_gather(obj: Any) -> list[Any]:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        out: list = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
-    return [obj]
 

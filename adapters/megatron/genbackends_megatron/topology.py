@@ -39,6 +39,15 @@ class Topology:
         return self.where[(pp, 0)]
 
 
+def all_gather_objects(obj: object) -> list:
+    """Every trainer rank's ``obj`` in rank order (``[obj]`` in a single process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        out: list = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
 def agree(error: str | None) -> None:
     """All trainer ranks learn whether any rank found a problem; everyone raises the same error.
 
@@ -46,8 +55,7 @@ def agree(error: str | None) -> None:
     collective. Called before any byte moves.
     """
     if dist.is_initialized() and dist.get_world_size() > 1:
-        errs: list = [None] * dist.get_world_size()
-        dist.all_gather_object(errs, error)
+        errs = all_gather_objects(error)
         msgs: dict[str, list[int]] = {}
         for r, e in enumerate(errs):
             if e:
