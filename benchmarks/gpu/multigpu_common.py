@@ -88,29 +88,29 @@ def model_bytes(manifest: dict[str, Any]) -> int:
     return int(sum(s.nbytes for s in manifest.values()))
 
 
-def allgather_floor(nbytes: int, spec: dict[str, Any], repeats: int, group: Any = None, pg: Any = None) -> dict[str, Any]:
+def allgather_floor(nbytes: int, spec: dict[str, Any], repeats: int, group: Any = None, channel: Any = None) -> dict[str, Any]:
     """An all-gather whose output is ``nbytes`` (each rank contributes ``nbytes / world``) on the
     same group the sync uses: the least any sync that ends with every rank holding the full model
-    can cost on that link. ``pg`` is a stand-alone ProcessGroup (the separate scenario), else
-    ``group`` of the default world (None = all ranks)."""
+    can cost on that link. ``channel``: a :class:`~genbackends.channel.WeightChannel` (the
+    separate scenario: its stand-alone group), else ``group`` of the default world (None = all ranks)."""
     import torch
     import torch.distributed as dist
 
     dtype = torch_dtype(spec)
     dev = "cpu" if spec["cpu"] else torch.device("cuda", torch.cuda.current_device())
-    world = pg.size() if pg is not None else dist.get_world_size(group)
+    world = channel.world if channel is not None else dist.get_world_size(group)
     elt = torch.empty((), dtype=dtype).element_size()
     per = max(1, nbytes // elt // world)
     inp = torch.ones(per, dtype=dtype, device=dev)
     out = torch.empty(per * world, dtype=dtype, device=dev)
 
     def once() -> None:
-        if pg is not None:
-            pg._allgather_base(out, inp).wait()
+        if channel is not None:
+            channel.pg._allgather_base(out, inp).wait()
         else:
             dist.all_gather_into_tensor(out, inp, group=group)
 
-    barrier = (lambda: pg_barrier(pg, spec)) if pg is not None else (lambda: dist.barrier(group=group))
+    barrier = channel.barrier if channel is not None else (lambda: dist.barrier(group=group))
     once()  # warm-up (communicator set-up)
     times = [timed(once, spec, barrier)[0] for _ in range(repeats)]
     del inp, out
@@ -142,14 +142,6 @@ def _release(spec: dict[str, Any]) -> None:
         import torch
 
         torch.cuda.empty_cache()
-
-
-def pg_barrier(pg: Any, spec: dict[str, Any]) -> None:
-    """A barrier on a stand-alone ProcessGroup (a one-element all-reduce)."""
-    import torch
-
-    t = torch.zeros(1, device="cpu" if spec["cpu"] else torch.device("cuda", torch.cuda.current_device()))
-    pg.allreduce([t]).wait()
 
 
 def perturb(model: Any, round_: int) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from multigpu_common import (  # noqa: E402
-    allgather_floor, backend_config, copy_floor, load_spec, model_bytes, parity_ok, perturb, pg_barrier, probes,
+    allgather_floor, backend_config, copy_floor, load_spec, model_bytes, parity_ok, perturb, probes,
     setup_process, summarize, timed, torch_dtype, write_json,
 )
 
@@ -148,7 +148,7 @@ def run_separate(spec: dict[str, Any], rank: int, world: int) -> dict[str, Any] 
     reps = spec["repeats"]
     floors: dict[str, Any] = {}
     if channel is not None:
-        floors = {"allgather": allgather_floor(nbytes, spec, reps, pg=channel.pg), "copy": copy_floor(nbytes, spec, reps)}
+        floors = {"allgather": allgather_floor(nbytes, spec, reps, channel=channel), "copy": copy_floor(nbytes, spec, reps)}
         # Broadcast of the same bytes from the sender to every engine rank on the same group.
         buf = torch.ones(max(1, nbytes // torch.empty((), dtype=torch_dtype(spec)).element_size()), dtype=torch_dtype(spec), device=dev)
         channel.broadcast(buf)
@@ -171,7 +171,9 @@ def run_separate(spec: dict[str, Any], rank: int, world: int) -> dict[str, Any] 
                     pass
             barrier = None
     else:
-        before = backend_prompt_lp(backend, pr)
+        from genbackends_megatron.verify import backend_prompt_logprobs
+
+        before = backend_prompt_logprobs(backend, pr)
         if local == 0:
             channel.store.set("engine_lp_before", pickle.dumps(before))
 
@@ -184,7 +186,7 @@ def run_separate(spec: dict[str, Any], rank: int, world: int) -> dict[str, Any] 
         dt, last = timed(once, spec, barrier)
         times.append(dt)
     if not trainer:
-        lp = backend_prompt_lp(backend, pr)  # collective over the engine's ranks
+        lp = backend_prompt_logprobs(backend, pr)  # collective over the engine's ranks
         if local == 0:
             channel.store.set("engine_lp", pickle.dumps(lp))
             channel.store.set("engine_res", pickle.dumps({"engine_start_s": res["engine_start_s"], "engine_last": last}))
@@ -208,12 +210,6 @@ def run_separate(spec: dict[str, Any], rank: int, world: int) -> dict[str, Any] 
     res["paths"]["universal"]["last"] = res.pop("engine_last", None)
     channel.barrier()
     return res
-
-
-def backend_prompt_lp(backend: Any, pr: list[list[int]]) -> list[list[float]]:
-    from genbackends_megatron.verify import backend_prompt_logprobs
-
-    return backend_prompt_logprobs(backend, pr)
 
 
 def run_generation(spec: dict[str, Any], rank: int, world: int) -> dict[str, Any] | None:
