@@ -11,15 +11,14 @@ refused on every rank, naming the parameter, with no engine written.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("megatron.core")
 pytest.importorskip("vllm")
+
+from rank_processes import run_ranks  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 LAYOUTS = {"tp1pp2-to-vllm-tp2": (1, 2, 2, 29810), "tp2-to-2x-vllm-tp1": (2, 1, 1, 29820)}
@@ -31,21 +30,10 @@ def test_colocated_direct_sync(name, tiny_llama, tiny_llama_alt, tmp_path):
     tp, pp, engine_tp, port = LAYOUTS[name]
     (tmp_path / "spec.json").write_text(json.dumps(
         {"tp": tp, "pp": pp, "engine_tp": engine_tp, "base": str(tiny_llama), "alt": str(tiny_llama_alt), "out": str(tmp_path)}))
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_OMP_THREADS_BIND="0|1",
-                   OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(HERE / "megatron_colocated_worker.py"), str(tmp_path / "spec.json")],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=400)[0])
-        except subprocess.TimeoutExpired:
-            p.kill()
-            logs.append(p.communicate()[0])
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    run_ranks(HERE / "megatron_colocated_worker.py", [str(tmp_path / "spec.json")], [
+        dict(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+             VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_OMP_THREADS_BIND="0|1", OMP_NUM_THREADS="1")
+        for rank in range(2)], timeout=400)
     for rank in range(2):
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert "error" not in r, r["error"]

@@ -3,15 +3,13 @@ greedy tokens equal transformers' (= TP=1), and a sync updates it in place on bo
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("vllm")
 
+from rank_processes import run_ranks  # noqa: E402
 from vllm_helpers import HFReference  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -19,22 +17,10 @@ HERE = Path(__file__).resolve().parent
 
 @pytest.mark.slow
 def test_colocated_tp2_in_trainer_ranks(tiny_llama, tiny_llama_alt, tmp_path):
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT="29621", VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_OMP_THREADS_BIND="0|1")
-        procs.append(subprocess.Popen(
-            [sys.executable, str(HERE / "vllm_colocated_worker.py"), str(tiny_llama), str(tiny_llama_alt), str(tmp_path), "2"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            out, _ = p.communicate()
-        logs.append(out)
-    assert all(p.returncode == 0 for p in procs), "\n".join(l[-3000:] for l in logs)
+    run_ranks(HERE / "vllm_colocated_worker.py", [str(tiny_llama), str(tiny_llama_alt), str(tmp_path), "2"], [
+        dict(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT="29621",
+             VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_OMP_THREADS_BIND="0|1")
+        for rank in range(2)], timeout=300)
     res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     base, alt = HFReference(tiny_llama), HFReference(tiny_llama_alt)
     for r in res:

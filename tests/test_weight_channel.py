@@ -10,15 +10,14 @@ tensor, and leaves the engine's outputs unchanged.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("megatron.core")
 pytest.importorskip("vllm")
+
+from rank_processes import run_ranks  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -31,20 +30,9 @@ def _max_diff(a: list[list[float]], b: list[list[float]]) -> float:
 def test_megatron_tp2_to_separate_engine(tiny_llama, tiny_llama_alt, tmp_path):
     (tmp_path / "spec.json").write_text(json.dumps(
         {"base": str(tiny_llama), "alt": str(tiny_llama_alt), "out": str(tmp_path), "port": 29840}))
-    procs = []
-    for rank in range(3):
-        env = dict(os.environ, RANK=str(rank), VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS="1",
-                   VLLM_CPU_OMP_THREADS_BIND=str(rank % 2))
-        procs.append(subprocess.Popen([sys.executable, str(HERE / "weight_channel_worker.py"), str(tmp_path / "spec.json")],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=300)[0])
-        except subprocess.TimeoutExpired:
-            p.kill()
-            logs.append(p.communicate()[0])
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    run_ranks(HERE / "weight_channel_worker.py", [str(tmp_path / "spec.json")], [
+        dict(RANK=str(rank), VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS="1", VLLM_CPU_OMP_THREADS_BIND=str(rank % 2))
+        for rank in range(3)], timeout=300)
     sender, engine = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 2))
     assert "error" not in sender, sender["error"]
     assert "error" not in engine, engine["error"]
