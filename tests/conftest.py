@@ -127,3 +127,33 @@ def run_cli(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., subproces
         )
 
     return run
+
+
+# ---- the GPU lane ------------------------------------------------------------------------------
+# Tests marked ``@pytest.mark.gpu`` need CUDA (they check what the CPU cannot show: memory freed by
+# sleep, real shard shapes, bf16 parity on CUDA vLLM, NCCL). They are *deselected* in the CPU run
+# (not skipped: a skip would look like a missing engine) and are the only tests selected by
+# ``--gpu-lane`` (``scripts/test-gpu``), which fails at once when CUDA is missing.
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--gpu-lane", action="store_true", default=False,
+                     help="run only the tests marked gpu (needs CUDA; see scripts/test-gpu)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; runs only in the GPU lane (--gpu-lane)")
+    if config.getoption("--gpu-lane"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise pytest.UsageError("--gpu-lane needs a CUDA GPU (torch.cuda.is_available() is False)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_lane = config.getoption("--gpu-lane")
+    keep, drop = [], []
+    for item in items:
+        is_gpu = item.get_closest_marker("gpu") is not None
+        (keep if is_gpu == gpu_lane else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
