@@ -8,14 +8,29 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+import typing
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from genbackends.errors import ConfigError
 
 
 class _Strict(BaseModel):
-    # Unknown keys are errors: a typo must not silently fall back to a default.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Unknown keys are errors: a typo must not silently fall back to a default. `.inf`/`.nan` are
+    # valid YAML floats but no knob means anything with them, so they are refused too.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode turns `n: true` into 1; a boolean where a number is expected is
+        # a mistake (YAML `yes`/`on` are booleans too), so it is refused.
+        if isinstance(v, bool) and info.field_name is not None:
+            ann = cls.model_fields[info.field_name].annotation
+            kinds = {ann, *typing.get_args(ann)}
+            if bool not in kinds and kinds & {int, float}:
+                raise ValueError("must be a number, not a boolean")
+        return v
 
 
 class SamplingConfig(_Strict):
@@ -37,7 +52,7 @@ class SamplingConfig(_Strict):
     max_new_tokens: int = Field(64, ge=1, description="response token cap (with new_token_limit); max_prompt_length = seq_length - max_new_tokens")
     prompt_logprobs: int | None = Field(None, ge=0, description="None skips prompt logprob computation")
     logprobs: int = Field(0, ge=0, description="extra top-k logprobs per sampled token (the sampled one is always returned)")
-    seed: int | None = Field(None, description="sampling seed (None: not reproducible)")
+    seed: int | None = Field(None, ge=0, description="sampling seed (None: not reproducible)")
 
     @field_validator("top_k", "eval_top_k")
     @classmethod
@@ -140,6 +155,20 @@ class GenConfig(_Strict):
         None, description="allow-list of plugin (entry-point) names to load; None loads all (see GENBACKENDS_PLUGINS)"
     )
 
+    # The file this config was loaded from (set by load_config), so errors found after loading
+    # (a backend validating its options block) still name it.
+    _source: str | None = PrivateAttr(default=None)
+
+    def set_source(self, path: str | None) -> None:
+        """Record the config file this config came from (used in later error messages)."""
+        self._source = path
+
+    def __eq__(self, other: object) -> bool:
+        # Where a config was loaded from is not part of its value: compare the fields only.
+        if not isinstance(other, GenConfig):
+            return NotImplemented
+        return type(self) is type(other) and self.__dict__ == other.__dict__
+
     @field_validator("options", mode="before")
     @classmethod
     def _options_keyed(cls, v: Any) -> Any:
@@ -194,7 +223,10 @@ class GenConfig(_Strict):
         try:
             return model.model_validate(self.options.get(name, {}))
         except ValidationError as e:
-            raise ConfigError(format_validation_error(e, prefix=f"options.{name}")) from None
+            msg = format_validation_error(e, prefix=f"options.{name}")
+            if self._source:
+                msg = msg.replace("invalid config:", f"invalid config {self._source}:", 1)
+            raise ConfigError(msg) from None
 
 
 def format_validation_error(err: Any, prefix: str = "") -> str:

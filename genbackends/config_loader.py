@@ -7,8 +7,10 @@ The steps, each with its own function so callers (CLI, demo, benchmarks, tests) 
    (a path or a list of paths, relative to the including file). Included files are merged first, in
    order, then the including file's own keys on top: later keys win, mappings merge deeply, lists
    and scalars are replaced. An include cycle is an error naming the whole chain.
-2. :func:`apply_overrides` applies ``KEY.PATH=VALUE`` strings; the value is parsed as a YAML
-   scalar (``0.7`` is a float, ``true`` a bool, ``null`` None, ``"a;b"`` a string).
+2. :func:`apply_overrides` applies ``KEY.PATH=VALUE`` strings; the value is parsed as YAML
+   (``0.7`` is a float, ``true`` a bool, ``null`` None, ``"a;b"`` a string). A mapping value
+   (``--set 'sampling={temperature: 0.5}'``) merges into the section like an include does
+   instead of replacing it: keys it does not name keep their values.
 3. :func:`validate_config` builds the :class:`GenConfig`; errors name the field path and the bad
    value in one line.
 
@@ -39,6 +41,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {str(path)!r}") from None
     except OSError as e:
         raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        # A binary file or another encoding: say which file and where, not a raw codec error.
+        raise ConfigError(
+            f"config file {str(path)!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -119,7 +126,12 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
                 where = ".".join(parts[: i + 1])
                 raise ConfigError(f"--set {text!r}: {where} is {nxt!r}, not a section")
             node = nxt
-        node[parts[-1]] = value
+        old = node.get(parts[-1])
+        if isinstance(value, Mapping) and isinstance(old, Mapping):
+            # `--set 'sampling={temperature: 0.5}'` must not drop the section's other keys.
+            node[parts[-1]] = deep_merge(old, value)
+        else:
+            node[parts[-1]] = value
     return out
 
 
@@ -152,7 +164,10 @@ def load_config(
     if path is not None:
         data = deep_merge(data, load_yaml_tree(path))
     data = apply_overrides(data, overrides)
-    return validate_config(data, source=path)
+    cfg = validate_config(data, source=path)
+    if path is not None:
+        cfg.set_source(str(path))  # so errors found later (options.* blocks) name the file
+    return cfg
 
 
 def config_to_yaml(config: GenConfig) -> str:
