@@ -96,11 +96,16 @@ class GenerationBackend(ABC):
 
     # ---- convenience -----------------------------------------------------------------------
     def generate(
-        self, prompts: Any, eval_mode: bool = False, progress: Callable[[int, int], None] | None = None
+        self,
+        prompts: Any,
+        eval_mode: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+        on_batch: Callable[[list[GenerationRecord]], None] | None = None,
     ) -> list[GenerationRecord]:
         """``build_dataset`` -> ``forward_step`` per batch -> ``decode_internal``; emits the
         ``genbackends_on_after_generate`` hook with throughput stats. ``progress(done, total)``
-        is called with prompt counts after each batch (the CLI's progress bar)."""
+        is called with prompt counts after each batch (the CLI's progress bar); ``on_batch(records)``
+        with each batch's records as soon as the batch is done (the CLI streams them to its file)."""
         self._require_ready()
         t0 = time.perf_counter()
         dataset = self.build_dataset(prompts, is_eval=eval_mode)
@@ -112,6 +117,8 @@ class GenerationBackend(ABC):
             for r in batch_records:
                 r.prompt_index += start
             records.extend(batch_records)
+            if on_batch is not None:
+                on_batch(batch_records)
             if progress is not None:
                 progress(min(start + size, len(dataset)), len(dataset))
         seconds = time.perf_counter() - t0
