@@ -90,8 +90,6 @@ class SafetensorsFolderSource:
     """A :class:`WeightSource` reading ``*.safetensors`` files of an HF-format folder lazily."""
 
     def __init__(self, path: str | os.PathLike[str]):
-        from safetensors import safe_open
-
         p = Path(path)
         files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
         if not files or not all(f.is_file() for f in files):
@@ -99,7 +97,7 @@ class SafetensorsFolderSource:
         self._where: dict[str, Path] = {}
         self._specs: dict[str, TensorSpec] = {}
         for f in files:
-            with safe_open(str(f), framework="pt") as fh:
+            with _open_safetensors(f) as fh:
                 for name in fh.keys():
                     if name in self._where:
                         raise WeightSyncError(f"weight {name!r} is in both {self._where[name].name} and {f.name}")
@@ -111,18 +109,30 @@ class SafetensorsFolderSource:
         return dict(self._specs)
 
     def iter_buckets(self, bucket_bytes: int | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        from safetensors import safe_open
-
         def pairs() -> Iterator[tuple[str, torch.Tensor]]:
             by_file: dict[Path, list[str]] = {}
             for name, f in self._where.items():
                 by_file.setdefault(f, []).append(name)
             for f, names in by_file.items():
-                with safe_open(str(f), framework="pt") as fh:
+                with _open_safetensors(f) as fh:
                     for name in names:
-                        yield name, fh.get_tensor(name)
+                        try:
+                            t = fh.get_tensor(name)
+                        except Exception as e:  # noqa: BLE001 - the file changed or broke since the manifest
+                            raise WeightSyncError(f"cannot read {name!r} from safetensors file {str(f)!r}: {e}") from None
+                        yield name, t
 
         yield from bucketize(pairs(), bucket_bytes)
+
+
+def _open_safetensors(f: Path) -> Any:
+    """``safe_open`` whose failure (a truncated or corrupt file) is a WeightSyncError naming it."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(f), framework="pt")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError (and OSError)
+        raise WeightSyncError(f"cannot read safetensors file {str(f)!r}: {e}") from None
 
 
 _SAFETENSORS_DTYPES = {
