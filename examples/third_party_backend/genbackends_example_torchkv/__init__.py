@@ -1,0 +1,1 @@
+"""Example third-party genbackends backend ``torchkv`` (see docs/writing-a-backend.md)."""
