@@ -33,6 +33,13 @@ class GenerationRecord:
     prompt_logprobs: list[float | None] | None = None
     prompt_index: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # Asynchronous rollouts (genbackends.rollouts); None on synchronous records.
+    weight_version: int | None = None
+    """Version of the weights that produced the last token."""
+    weight_versions: list[tuple[int, int]] | None = None
+    """``(start token index, version)`` per span of ``token_ids`` (several when a sync landed mid-flight)."""
+    loss_mask: list[int] | None = None
+    """Multi-turn records: 1 where ``token_ids`` holds a model token, 0 at appended tool/env tokens."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (for JSONL output)."""
@@ -83,6 +90,8 @@ def collate_records(records: Sequence[GenerationRecord], pad_token_id: int = 0) 
         tokens[row, : p + r] = torch.tensor(list(rec.prompt_token_ids) + list(rec.token_ids), dtype=torch.long)
         attention_mask[row, : p + r] = True
         response_mask[row, p : p + r] = True
+        if rec.loss_mask is not None:  # multi-turn: appended tool/env tokens are not the model's
+            response_mask[row, p : p + r] = torch.tensor(rec.loss_mask, dtype=torch.bool)
         if r:
             response_logprobs[row, p : p + r] = torch.tensor(rec.logprobs, dtype=torch.float32)
     return RLBatch(
