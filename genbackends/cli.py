@@ -85,7 +85,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    from genbackends.output_files import AtomicRecordWriter
+
+    if args.keep_partial and not args.output:
+        raise GenBackendsError("--keep-partial needs --output FILE (records on stdout are streamed as they finish)")
+    # The output file is prepared before the engine starts (a bad path fails at once), filled batch
+    # by batch in a temporary file beside it, and renamed onto FILE only when the whole run worked.
+    writer = AtomicRecordWriter(args.output, keep_partial=args.keep_partial) if args.output else None
+
+    def on_batch(batch: list[Any]) -> None:
+        if writer is not None:
+            writer.write(batch)
+            return
+        for r in batch:
+            sys.stdout.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+
     try:
         t0 = time.perf_counter()
         backend.setup()
@@ -99,17 +114,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         try:
             t1 = time.perf_counter()
-            records = backend.generate(prompts, eval_mode=args.eval, progress=progress)
+            records = backend.generate(prompts, eval_mode=args.eval, progress=progress, on_batch=on_batch)
             gen_s = time.perf_counter() - t1
         finally:
             bar.close()
             backend.shutdown()
-        for r in records:
-            out.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
-        out.flush()
-    finally:
-        if out is not sys.stdout:
-            out.close()
+    except BaseException:  # a failure or Ctrl-C: FILE keeps what it had (see output_files)
+        if writer is not None:
+            writer.abort()
+            print(f"{PROG}: {writer.describe_abort()}", file=sys.stderr)
+        raise
+    if writer is not None:
+        writer.commit()
     out_tokens = sum(len(r.token_ids) for r in records)
     in_tokens = sum(len(r.prompt_token_ids) for r in records if r.index == 0)
     rate = out_tokens / gen_s if gen_s > 0 else 0.0
@@ -151,7 +167,10 @@ def build_parser(registry: Any = None) -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--prompts", help="prompt file: text (one per line) or .jsonl with a 'prompt' field")
     p.add_argument("--prompt", action="append", help="a prompt given inline (repeatable)")
-    p.add_argument("--output", "-o", help="write JSONL records here (default: stdout)")
+    p.add_argument("--output", "-o", help="write JSONL records here (default: stdout); replaced atomically when the "
+                   "run succeeds, left untouched when it fails or is interrupted")
+    p.add_argument("--keep-partial", action="store_true",
+                   help="on failure or Ctrl-C keep the finished batches' records in OUTPUT.partial")
     p.add_argument("--eval", action="store_true", help="use the eval_* sampling settings")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)

@@ -106,8 +106,9 @@ class AtomicRecordWriter:
         target = f"{str(self.target)!r} " + ("left untouched" if self.target.exists() else "not created")
         if self.closed_as == "partial":
             return f"{done} kept in {str(self.partial_path)!r}; {target}"
-        hint = " (--keep-partial keeps them)" if self.num_records else ""
-        return f"{done} written before the run stopped, discarded{hint}; {target}"
+        if not self.num_records:
+            return f"no records written; {target}"
+        return f"{done} written before the run stopped, discarded (--keep-partial keeps them); {target}"
 
     def __enter__(self) -> "AtomicRecordWriter":
         return self

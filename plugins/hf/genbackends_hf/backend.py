@@ -15,7 +15,6 @@ vLLM's output semantics so records from both backends compare field by field:
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
@@ -25,7 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from genbackends.backend import GenerationBackend
 from genbackends.errors import BackendStateError, ConfigError, WeightSyncError
 from genbackends.prompts import dataset_from_config
+from genbackends.capabilities import BackendCapabilities
 from genbackends.records import GenerationRecord
+from genbackends.sampling_rules import pad_token_id, token_budget
 from genbackends.weights import PhaseTimer, SyncReport, as_weight_source, validate_manifest
 
 from genbackends_hf.finishing import Finish, RowStopper, finish_row
@@ -86,31 +87,39 @@ class HFBackend(GenerationBackend):
         self._next_request = 0
         self._eos_ids: set[int] = set()
 
+    def capabilities(self) -> BackendCapabilities:
+        """HF-named tensors only (a safetensors folder is read into them in this process: the
+        ``"hf"`` path); ``sleep`` frees memory only on a GPU (weights to host; level 2 = level 1)."""
+        on_gpu = self.config.device == "cuda" or (self.config.device == "auto" and torch.cuda.is_available())
+        return BackendCapabilities(sync_paths=frozenset({"hf"}), sleep_levels=(1, 2) if on_gpu else ())
+
     # ---- lifecycle -----------------------------------------------------------------------
     def setup(self) -> None:
         """Load tokenizer and model from ``config.model`` onto ``config.device``."""
-        if self._state == "shutdown":
-            raise BackendStateError("backend 'hf' was shut down; create a new one")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        t0 = time.perf_counter()
         cfg = self.config
         want = cfg.device
         if want == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device: cuda was asked for but torch sees no CUDA device; set device: cpu or auto")
         self.device = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
         self._home_device = self.device
+        # Local folders only (nothing is downloaded): a missing path must not surface as the hub's
+        # "Repo id must be in the form ..." nor a corrupt file as a bare SafetensorError.
+        _check_model_folder(cfg.model, "model")
+        if cfg.tokenizer:
+            _check_model_folder(cfg.tokenizer, "tokenizer", need_config=False)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path, trust_remote_code=self.options.trust_remote_code)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"tokenizer: cannot load {cfg.tokenizer_path!r}: {str(e).splitlines()[0]}") from None
+        except Exception as e:  # noqa: BLE001 - any loader failure becomes one line naming the path
+            raise ConfigError(f"tokenizer: cannot load {cfg.tokenizer_path!r}: {_first_line(e)}") from None
         kwargs: dict[str, Any] = {"dtype": _DTYPES.get(cfg.dtype, "auto"), "trust_remote_code": self.options.trust_remote_code}
         if self.options.attn_implementation:
             kwargs["attn_implementation"] = self.options.attn_implementation
         try:
             model = AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"model: cannot load {cfg.model!r}: {str(e).splitlines()[0]}") from None
+        except Exception as e:  # noqa: BLE001 - any loader failure becomes one line naming the path
+            raise ConfigError(f"model: cannot load {_broken_file(cfg.model)!r}: {_first_line(e)}") from None
         self.model = model.to(self.device).eval()
         self._eos_ids = _eos_ids(self.tokenizer, self.model)
         # The model's own generation defaults (eos, top_k=50, ...) would be merged into every
@@ -120,8 +129,7 @@ class HFBackend(GenerationBackend):
         self.model.generation_config = GenerationConfig(
             pad_token_id=self._pad_id(), bos_token_id=self.model.generation_config.bos_token_id
         )
-        self._mark_ready()
-        self._emit("genbackends_on_backend_ready", backend=self, startup_seconds=time.perf_counter() - t0)
+        self._mark_ready()  # the base class fires genbackends_on_backend_ready
 
     def shutdown(self) -> None:
         """Drop the model; a later ``generate`` raises."""
@@ -134,34 +142,28 @@ class HFBackend(GenerationBackend):
         """Move the weights to host memory (GPU only; a no-op on the CPU). Level 2 behaves like
         level 1: transformers has nothing cheaper to drop than the weights themselves."""
         self._require_ready()
-        t0 = time.perf_counter()
+        if level not in (1, 2):  # the same contract as vllm, even where both levels act alike
+            raise ConfigError(f"sleep level must be 1 or 2, got {level!r}")
         before = torch.cuda.memory_allocated() if self.device.type == "cuda" else 0
         if self.device.type == "cuda":
             self.model.to("cpu")
             self.device = torch.device("cpu")
             torch.cuda.empty_cache()
         after = torch.cuda.memory_allocated() if self._home_device.type == "cuda" else 0
-        self._emit(
-            "genbackends_on_memory_phase",
-            backend=self,
-            phase="sleep",
-            stats={"seconds": time.perf_counter() - t0, "freed_bytes": float(before - after)},
-        )
+        self._add_event_stats(freed_bytes=float(before - after))  # the base class fires the hook
 
     def wake_up(self, tags: Sequence[str] | None = None) -> None:
         """Move the weights back to the device they were loaded on."""
         self._require_ready()
-        t0 = time.perf_counter()
+        if tags is not None:
+            bad = [t for t in tags if t not in ("weights", "kv_cache")]
+            if bad or isinstance(tags, str):
+                raise ConfigError(f"wake_up tags must be 'weights' and/or 'kv_cache', got {bad or tags!r}")
         if self.device != self._home_device:
             self.model.to(self._home_device)
             self.device = self._home_device
         used = torch.cuda.memory_allocated() if self.device.type == "cuda" else 0
-        self._emit(
-            "genbackends_on_memory_phase",
-            backend=self,
-            phase="wake_up",
-            stats={"seconds": time.perf_counter() - t0, "used_bytes": float(used)},
-        )
+        self._add_event_stats(used_bytes=float(used))  # the base class fires the hook
 
     # ---- the four jobs -------------------------------------------------------------------
     def build_dataset(self, prompts: Any, is_eval: bool = False) -> list[dict[str, Any]]:
@@ -275,24 +277,15 @@ class HFBackend(GenerationBackend):
             seconds=timer.total,
             phases=dict(timer.phases),
         )
-        self._emit("genbackends_on_after_sync", backend=self, report=report)
-        return report
+        return report  # the base class fires genbackends_on_after_sync
 
     # ---- internals -----------------------------------------------------------------------
     def _pad_id(self) -> int:
-        tok = self.tokenizer
-        if tok.pad_token_id is not None:
-            return int(tok.pad_token_id)
-        if tok.eos_token_id is not None:
-            return int(tok.eos_token_id)
-        return 0
+        return pad_token_id(self.tokenizer)
 
     def _limits(self, prompt_lens: Sequence[int], sp: Any) -> list[int]:
-        """Per-prompt new-token limit: ``max_new_tokens`` with ``new_token_limit``, else the
-        room left in ``seq_length``."""
-        if sp.new_token_limit:
-            return [sp.max_new_tokens for _ in prompt_lens]
-        return [max(1, self.config.seq_length - n) for n in prompt_lens]
+        """Per-prompt new-token limit (the shared rule, :func:`genbackends.sampling_rules.token_budget`)."""
+        return [token_budget(sp, self.config.seq_length, n) for n in prompt_lens]
 
     def _left_pad(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(r) for r in rows)
@@ -449,6 +442,39 @@ def _check_config(config: Any) -> None:
             "the hf backend does not use these engine settings (they size vLLM's scheduler and KV cache): %s",
             ", ".join(unused),
         )
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def _check_model_folder(path: str, what: str, need_config: bool = True) -> None:
+    """Fail before loading if ``path`` is not a local HF-format folder."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{what}: model folder {path!r} does not exist")
+    if not p.is_dir():
+        raise ConfigError(f"{what}: {path!r} is a file; expected an HF-format model folder")
+    if need_config and not (p / "config.json").is_file():
+        raise ConfigError(f"{what}: {path!r} has no config.json (expected an HF-format model folder)")
+
+
+def _broken_file(folder: str) -> str:
+    """The first unreadable ``*.safetensors`` file of ``folder`` (the folder when all open)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception:  # noqa: BLE001 - this is the file to name
+            return str(f)
+    return folder
 
 
 def _top_dicts(logp: torch.Tensor, chosen: torch.Tensor, k: int) -> list[list[dict[int, float]]]:
