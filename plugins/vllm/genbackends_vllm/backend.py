@@ -16,6 +16,7 @@ It also implements :class:`~genbackends.weights.DirectWriteTarget` (``engine_lay
 """
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -57,10 +58,15 @@ class VLLMBackend(GenerationBackend):
         self._expected: dict[str, tuple[int, ...]] | None = None
         self._asleep: int | None = None
         self._sleep_noop_logged = False
+        # Beam-search request ids are numbered per backend, not per batch: records of different
+        # batches (and replicas) never share a (request_id, index) pair.
+        self._beam_ids = itertools.count()
 
     # ---- lifecycle -------------------------------------------------------------------------
     def setup(self) -> None:
         """Validate the engine arguments, then start every replica."""
+        if self._state == "shutdown":
+            raise BackendStateError("backend 'vllm' was shut down; create a new one instead of calling setup() again")
         from genbackends_vllm.engine import LocalEngine, check_model_path
         from genbackends_vllm.engine_args import build_engine_kwargs, log_legacy_once
 
@@ -181,7 +187,7 @@ class VLLMBackend(GenerationBackend):
             for mt, idx in groups.items():
                 res = replica.beam_search([ids[i] for i in idx], beam_search_params(cfg, mt, eval_mode))
                 for i, r in zip(idx, res):
-                    outs[i] = beam_to_request_output(r, f"beam-{i}", ids[i], texts[i], self.tokenizer)
+                    outs[i] = beam_to_request_output(r, f"beam-{next(self._beam_ids)}", ids[i], texts[i], self.tokenizer)
             return outs
         params = sampling_params(cfg, [len(t) for t in ids], eval_mode, self.tokenizer)
         outs = replica.generate(ids, params, use_tqdm=self.options.use_tqdm)

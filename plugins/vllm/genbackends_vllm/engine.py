@@ -27,6 +27,8 @@ def check_model_path(model: str, what: str = "model") -> None:
     p = Path(model)
     if not p.exists():
         raise ConfigError(f"{what}: model folder {model!r} does not exist")
+    if p.is_file() and p.suffix != ".gguf":  # vLLM reads a single file only as GGUF
+        raise ConfigError(f"{what}: {model!r} is a file; expected an HF-format model folder (or a .gguf file)")
     if p.is_dir() and not (p / "config.json").is_file():
         raise ConfigError(f"{what}: {model!r} has no config.json (expected an HF-format model folder)")
 
