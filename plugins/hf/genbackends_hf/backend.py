@@ -26,6 +26,7 @@ from genbackends.backend import GenerationBackend
 from genbackends.errors import BackendStateError, ConfigError, WeightSyncError
 from genbackends.prompts import dataset_from_config
 from genbackends.records import GenerationRecord
+from genbackends.rollouts import AsyncRolloutsMixin
 from genbackends.weights import PhaseTimer, SyncReport, as_weight_source, validate_manifest
 
 from genbackends_hf.finishing import Finish, RowStopper, finish_row
@@ -70,7 +71,7 @@ class HFPromptOutput:
     prompt_top_logprobs: list[dict[int, float] | None] | None = None  # with prompt_logprobs > 0
 
 
-class HFBackend(GenerationBackend):
+class HFBackend(AsyncRolloutsMixin, GenerationBackend):
     """Generation on HF transformers' ``generate`` (backend name ``hf``)."""
 
     name = "hf"
@@ -85,6 +86,13 @@ class HFBackend(GenerationBackend):
         self._home_device = torch.device("cpu")
         self._next_request = 0
         self._eos_ids: set[int] = set()
+
+    def _make_rollout_engine(self) -> Any:
+        """Asynchronous rollouts: a scheduler thread doing continuous batching (async_engine.py)."""
+        self._require_ready()
+        from genbackends_hf.async_engine import HFRolloutEngine
+
+        return HFRolloutEngine(self)
 
     # ---- lifecycle -----------------------------------------------------------------------
     def setup(self) -> None:
@@ -130,6 +138,7 @@ class HFBackend(GenerationBackend):
 
     def shutdown(self) -> None:
         """Drop the model; a later ``generate`` raises."""
+        self._stop_rollouts()
         self.model = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -242,9 +251,15 @@ class HFBackend(GenerationBackend):
         self._require_ready()
         return {n: tuple(p.shape) for n, p in self.model.named_parameters(remove_duplicate=False)}
 
-    def sync_weights(self, source: Any) -> SyncReport:
+    def sync_weights(self, source: Any, *, version: int | None = None) -> SyncReport:
         """Copy HF-named tensors into the model after validating names and shapes of the whole
-        sync; a rejected sync writes nothing."""
+        sync; a rejected sync writes nothing. With asynchronous rollouts running, only between
+        ``pause()`` and ``resume()``; the weight version is bumped (or set to ``version``)."""
+        if self._rollouts is not None:
+            return self._rollouts.sync_weights(lambda: self._sync_weights_now(source), source, version)
+        return self._sync_weights_now(source)
+
+    def _sync_weights_now(self, source: Any) -> SyncReport:
         self._require_ready()
         timer = PhaseTimer()
         with timer.phase("validate"):
