@@ -44,8 +44,14 @@ class HFOptions(BaseModel):
     sync_bucket_bytes: int | None = Field(None, ge=1, description="cap on one bucket of a weight sync")
     sync_rollback: bool = Field(
         True,
-        description="keep a host copy of each overwritten tensor during a sync, so a source that breaks its own "
-        "manifest mid-stream leaves the old weights in place",
+        description="atomic syncs: keep a copy (on the parameter's device) of each tensor a sync overwrites, so a "
+        "sync that fails at any point (the source raises or breaks its manifest, a NaN further on) restores the "
+        "old weights; costs one copy of the synced weights while the sync runs (SyncReport phase 'snapshot')",
+    )
+    sync_check_finite: bool = Field(
+        True,
+        description="refuse a sync holding NaN/Inf values, checked before each bucket is written (one fused "
+        "max-abs reduction per bucket; phase 'check_finite'); false skips the check",
     )
 
 
@@ -260,39 +266,49 @@ class HFBackend(AsyncRolloutsMixin, GenerationBackend):
         return self._sync_weights_now(source)
 
     def _sync_weights_now(self, source: Any) -> SyncReport:
+        """The sync itself, atomic: names and shapes of the whole sync are validated first, each
+        bucket is checked against the manifest (shape, dtype) and for finite values before it is
+        written, and a sync that fails part way restores every tensor it overwrote (options
+        ``sync_rollback``, ``sync_check_finite``; ``docs/reliability.md``)."""
+        from genbackends.sync_safety import RESTORED, UNCHANGED, StreamChecker, failure_message, refuse_non_float
+
         self._require_ready()
         timer = PhaseTimer()
         with timer.phase("validate"):
             src = as_weight_source(source)
             manifest = src.manifest()
             validate_manifest(manifest, self.expected_weights(), what="hf model")
+            refuse_non_float(manifest)  # a silent cast of int/bool weights is never what the caller meant
             params = dict(self.model.named_parameters(remove_duplicate=False))
+        checker = StreamChecker(manifest, check_finite=self.options.sync_check_finite)
         backup: list[tuple[torch.Tensor, torch.Tensor]] = []
         count = nbytes = 0
         try:
-            with timer.phase("load"), torch.no_grad():
-                for bucket in src.iter_buckets(self.options.sync_bucket_bytes):
-                    for name, t in bucket:  # the source must keep to its own manifest
-                        spec = manifest.get(name)
-                        if spec is None or tuple(t.shape) != tuple(spec.shape):
-                            raise WeightSyncError(
-                                f"weight source produced {name!r} with shape {tuple(t.shape)}, "
-                                f"which its manifest did not announce"
-                            )
+            with torch.no_grad():
+                for i, bucket in enumerate(src.iter_buckets(self.options.sync_bucket_bytes)):
+                    with timer.phase("check"):
+                        checker.check_bucket(bucket, i)  # before any byte of the bucket is written
                     for name, t in bucket:
                         dst = params[name]
                         if self.options.sync_rollback:
-                            backup.append((dst, dst.detach().to("cpu", copy=True)))
-                        dst.copy_(t.to(dst.device, non_blocking=True))
+                            with timer.phase("snapshot"):
+                                backup.append((dst, dst.detach().clone()))
+                        with timer.phase("load"):
+                            dst.copy_(t.to(dst.device, non_blocking=True))
                         count += 1
                         nbytes += t.numel() * t.element_size()
+                checker.finish()
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
-        except Exception:
-            with torch.no_grad():
-                for dst, old in reversed(backup):
-                    dst.copy_(old.to(dst.device))
-            raise
+        except Exception as e:
+            if backup or count == 0:
+                with torch.no_grad(), timer.phase("restore"):
+                    for dst, old in reversed(backup):
+                        dst.copy_(old)
+                raise WeightSyncError(failure_message(e, RESTORED if count else UNCHANGED)) from e
+            raise WeightSyncError(failure_message(
+                e, "options.hf.sync_rollback is off, so the model may hold a mix of old and new weights")) from e
+        timer.phases["check_finite"] = checker.seconds_finite
         report = SyncReport(
             path="hf-named-copy",
             transport="in-process",
@@ -300,9 +316,9 @@ class HFBackend(AsyncRolloutsMixin, GenerationBackend):
             bytes_moved=nbytes,
             seconds=timer.total,
             phases=dict(timer.phases),
+            details={"snapshot_bytes": sum(o.numel() * o.element_size() for _, o in backup)},
         )
-        self._emit("genbackends_on_after_sync", backend=self, report=report)
-        return report
+        return report  # the base class fires genbackends_on_after_sync
 
     # ---- internals -----------------------------------------------------------------------
     def _pad_id(self) -> int:

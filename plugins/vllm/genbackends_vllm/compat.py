@@ -220,8 +220,20 @@ def worker_pp_rank(worker: Any) -> int:
 
 
 def reset_prefix_cache(llm: Any) -> None:
-    """Drop cached KV blocks computed with old weights."""
-    llm.reset_prefix_cache()
+    """Drop cached KV blocks computed with old weights.
+
+    vLLM (0.32 and 0.24) returns False and keeps the cache when requests are running (their blocks
+    are in use). Their KV was computed with the old weights too, so ask again with
+    ``reset_running_requests=True`` (the running requests are preempted and recomputed on the new
+    weights) where this vLLM has that argument; else raise rather than serve stale blocks."""
+    import inspect
+
+    if llm.reset_prefix_cache() is not False:
+        return
+    if "reset_running_requests" in inspect.signature(llm.reset_prefix_cache).parameters:
+        if llm.reset_prefix_cache(reset_running_requests=True) is not False:
+            return
+    raise RuntimeError("vLLM refused to reset its prefix cache (requests still running): KV blocks of the old weights may be reused")
 
 
 def memory_stats() -> dict[str, float]:

@@ -209,7 +209,29 @@ class LocalEngine:
         done()
 
     def reset_prefix_cache(self) -> None:
-        compat.reset_prefix_cache(self._need())
+        """Drop cached KV blocks computed with the old weights (see :func:`compat.reset_prefix_cache`)."""
+        with self.lock:
+            compat.reset_prefix_cache(self._need())
+
+    # ---- atomic syncs (worker side: genbackends_vllm.snapshot) ------------------------------
+    def snapshot(self, hf_names: list[str] | None) -> list[dict[str, float]]:
+        """Every worker saves the modules ``hf_names`` land in; per-worker costs, rank order."""
+        with self.lock:
+            return self.collective_rpc("genbackends_snapshot", args=(hf_names,))
+
+    def restore(self) -> list[dict[str, float]]:
+        """Every worker puts its snapshot back (and drops it)."""
+        with self.lock:
+            return self.collective_rpc("genbackends_restore")
+
+    def drop_snapshot(self) -> None:
+        with self.lock:
+            self.collective_rpc("genbackends_drop_snapshot")
+
+    def scrub_kv_cache(self) -> int:
+        """Zero the KV-cache memory of every worker; bytes zeroed."""
+        with self.lock:
+            return int(sum(self.collective_rpc("genbackends_scrub_kv")))
 
     # ---- memory ------------------------------------------------------------------------
     def sleep(self, level: int) -> None:

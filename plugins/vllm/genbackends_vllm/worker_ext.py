@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from genbackends_vllm import compat
+from genbackends_vllm.snapshot import ModuleSnapshot, abort_layerwise_reload, scrub_kv_cache, touched_modules
 from genbackends_vllm.transport import SyncGroup, receive_bucket, unpack_bytes
 
 
@@ -18,9 +19,46 @@ class WeightSyncExtension:
 
     def genbackends_reload(self, weights_iterator: Any = None, weights_path: str | None = None) -> int:
         """vLLM's in-place ``reload_weights`` (HF-named tensors, or a folder the worker reads),
-        then re-pack what it leaves stale; returns how many layers were re-packed."""
-        self.reload_weights(weights_iterator=weights_iterator, weights_path=weights_path)  # type: ignore[attr-defined]
+        then re-pack what it leaves stale; returns how many layers were re-packed. A reload that
+        raises half way is undone first (its layers put back from the meta device), so a
+        snapshot restore finds a consistent model."""
+        try:
+            self.reload_weights(weights_iterator=weights_iterator, weights_path=weights_path)  # type: ignore[attr-defined]
+        except BaseException:
+            abort_layerwise_reload(compat.worker_model(self))
+            raise
         return compat.repack_vocab_gemms(compat.worker_model(self))
+
+    # ---- atomic syncs (see genbackends_vllm.snapshot) -------------------------------------
+    def genbackends_snapshot(self, hf_names: list[str] | None) -> dict[str, float]:
+        """Save the modules the HF-named tensors ``hf_names`` land in (None: all); returns the
+        cost (``bytes_device``, ``bytes_host``, ``bytes_retained``, ``seconds``). Replaces an older
+        snapshot of this worker."""
+        model = compat.worker_model(self)
+        self._genbackends_snapshot = None
+        snap = ModuleSnapshot(touched_modules(model, hf_names))
+        self._genbackends_snapshot = snap
+        return dict(snap.stats)
+
+    def genbackends_restore(self) -> dict[str, float]:
+        """Put the snapshotted modules back (after undoing a half-done reload) and drop the
+        snapshot; ``{}`` if this worker holds none."""
+        snap = getattr(self, "_genbackends_snapshot", None)
+        model = compat.worker_model(self)
+        abort_layerwise_reload(model)
+        if snap is None:
+            return {}
+        out = snap.restore()
+        self._genbackends_snapshot = None
+        return out
+
+    def genbackends_drop_snapshot(self) -> None:
+        """Free the snapshot after a sync succeeded."""
+        self._genbackends_snapshot = None
+
+    def genbackends_scrub_kv(self) -> int:
+        """Zero this worker's KV-cache memory (see :func:`snapshot.scrub_kv_cache`)."""
+        return scrub_kv_cache(self)
 
     def genbackends_sync_open(self, host: str, port: int, world_size: int) -> int:
         """Join the sync group as rank ``1 + worker rank``; returns that rank."""
