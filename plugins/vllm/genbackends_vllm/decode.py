@@ -29,20 +29,60 @@ def _top(entry: Any) -> dict[int, float] | None:
     return {int(t): float(lp.logprob) for t, lp in entry.items()}
 
 
+def _is_flat(container: Any) -> bool:
+    # vLLM's FlatLogprobs (SamplingParams.flat_logprobs): parallel lists, no dict per position.
+    return hasattr(container, "start_indices") and hasattr(container, "end_indices")
+
+
+def _chosen_logprobs(container: Any, chosen: Sequence[int]) -> list[float | None]:
+    """Log-probability of ``chosen[i]`` at each position (None where the position has none).
+
+    Per generated token this is the hot loop of decoding, so flat containers are read straight
+    from their arrays (vLLM puts the sampled / prompt token first at each position) instead of
+    through the per-position dicts ``container[i]`` would build."""
+    if _is_flat(container):
+        starts, ends, ids, lps = container.start_indices, container.end_indices, container.token_ids, container.logprobs
+        out: list[float | None] = []
+        for s, e, t in zip(starts, ends, chosen):
+            if s == e:
+                out.append(None)
+            elif ids[s] == t:
+                out.append(float(lps[s]))
+            else:
+                out.append(next((float(lps[k]) for k in range(s, e) if ids[k] == t), None))
+        return out
+    return [_token_logprob(e, t) for e, t in zip(container, chosen)]
+
+
+def _tops_if_wider(container: Any) -> list[dict[int, float] | None] | None:
+    """Per-position ``{token: logprob}`` dicts, only when some position holds more than the
+    chosen token (``logprobs > 0``); ``None`` otherwise (nothing is built for the common case)."""
+    if _is_flat(container):
+        if not any(e - s > 1 for s, e in zip(container.start_indices, container.end_indices)):
+            return None
+        ids, lps = container.token_ids, container.logprobs
+        return [None if s == e else {int(ids[k]): float(lps[k]) for k in range(s, e)}
+                for s, e in zip(container.start_indices, container.end_indices)]
+    if not any(len(e or {}) > 1 for e in container):
+        return None
+    return [_top(e) for e in container]
+
+
 def request_output_to_records(out: Any, prompt_index: int = 0, prompt_text: str | None = None) -> list[GenerationRecord]:
     """One record per completion of one ``RequestOutput``, in completion-index order."""
     ptoks = list(out.prompt_token_ids or [])
     plp = None
     ptop = None
     if out.prompt_logprobs is not None:
-        plp = [None if i == 0 else _token_logprob(e, ptoks[i]) for i, e in enumerate(out.prompt_logprobs)]
-        ptop = [_top(e) for e in out.prompt_logprobs]
+        plp = _chosen_logprobs(out.prompt_logprobs, ptoks)
+        plp[:1] = [None] * min(1, len(plp))  # the first prompt token has no logprob
+        ptop = _tops_if_wider(out.prompt_logprobs)
     records = []
     for c in sorted(out.outputs, key=lambda c: c.index):
         toks = list(c.token_ids)
         if c.logprobs is not None:
-            lps = [_token_logprob(e, t) for e, t in zip(c.logprobs, toks)]
-            tops = [_top(e) for e in c.logprobs]
+            lps = _chosen_logprobs(c.logprobs, toks)
+            tops = _tops_if_wider(c.logprobs)
         else:
             lps, tops = [], None
         extra: dict[str, Any] = {
@@ -50,9 +90,9 @@ def request_output_to_records(out: Any, prompt_index: int = 0, prompt_text: str 
             "finished": bool(getattr(out, "finished", True)),
             "num_cached_tokens": compat.optional_field(out, "num_cached_tokens"),
         }
-        if tops is not None and any(len(t or {}) > 1 for t in tops):
+        if tops is not None:
             extra["top_logprobs"] = tops
-        if ptop is not None and any(len(t or {}) > 1 for t in ptop):
+        if ptop is not None:
             extra["prompt_top_logprobs"] = ptop
         for name in ("weight_versions",):
             v = compat.optional_field(c, name)
