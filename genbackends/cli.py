@@ -23,7 +23,7 @@ PROG = "genbackends"
 def cmd_backends(args: argparse.Namespace) -> int:
     """List backends and adapters with the distribution and version they came from, then
     broken plugins with their errors."""
-    from genbackends.registry import get_registry
+    from genbackends.registry import ALLOW_ENV, get_registry
 
     reg = get_registry()
     rows = reg.listing()
@@ -40,8 +40,13 @@ def cmd_backends(args: argparse.Namespace) -> int:
         print()
         for r in problems:
             print(f"{r['status']}: {r['kind']} {r['name']!r} from {r['distribution']} {r['version']}: {r['error']}")
+    names = reg.allow_list_names()
+    print()
+    print(f"allow-list ({ALLOW_ENV} or 'plugins:' in a config) entries may be backend names "
+          f"({', '.join(names['backends'])}), plugin names ({', '.join(names['plugins'])}) or "
+          f"distributions ({', '.join(names['distributions'])})")
     for name in reg.unknown_allowed:
-        print(f"warning: the allow-list names plugin {name!r}, which is not installed")
+        print(f"warning: the allow-list names {name!r}, which is no installed backend, plugin or distribution")
     return 0
 
 
@@ -52,15 +57,16 @@ def cmd_config(args: argparse.Namespace) -> int:
     from genbackends.registry import get_registry
 
     cfg = load_config(args.config, args.set or [])
-    reg = get_registry(allow=cfg.plugins)
+    reg = get_registry().for_config(cfg)
     reg.backend_class(cfg.backend)  # an unknown backend is an error listing the available ones
-    # Every options block of an installed backend is checked by that backend's model, so a
+    reg.check_options(cfg)  # an options key naming no backend is an error listing the known ones
+    # Every options block of a loaded backend is checked by that backend's model, so a
     # typo in `options.vllm` shows up even while `backend: hf` is selected.
     for name in cfg.options:
         if name in reg.backends and name not in reg.conflicts:
             cfg.backend_options(reg.backends[name].cls.options_model, name)
         else:
-            print(f"{PROG}: warning: options.{name}: no backend {name!r} is installed; block not checked", file=sys.stderr)
+            print(f"{PROG}: warning: options.{name}: backend {name!r} is not loaded here; block not checked", file=sys.stderr)
     sys.stdout.write(config_to_yaml(cfg))
     return 0
 
@@ -73,8 +79,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set or [])
     # Everything that can be checked cheaply is checked before the engine starts.
-    reg = get_registry(allow=cfg.plugins)
-    backend = reg.create_backend(cfg)
+    backend = get_registry().create_backend(cfg)  # honours cfg.plugins, like the Python API
     if args.prompt:
         prompts = list(args.prompt)
     elif args.prompts or cfg.prompts.file:

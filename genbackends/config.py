@@ -195,14 +195,11 @@ class GenConfig(_Strict):
     def _greedy_n(self) -> "GenConfig":
         # vLLM refuses n > 1 with greedy sampling (the completions would all be equal); every
         # backend follows, so one config behaves the same on all of them.
-        s = self.sampling
-        if s.n > 1 and not s.use_beam_search:
-            for eval_mode, name in ((False, "temperature"), (True, "eval_temperature")):
-                if s.resolved(eval_mode).temperature == 0:
-                    raise ValueError(
-                        f"sampling.n: n={s.n} needs sampling.{name} > 0 (greedy decoding gives one "
-                        "completion); use n: 1 or use_beam_search"
-                    )
+        from genbackends.sampling_rules import greedy_n_problem  # the rule is written once, there
+
+        problem = greedy_n_problem(self.sampling)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @property

