@@ -13,20 +13,21 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from genbackends import ConfigError, GenerationBackend, GenerationRecord, WeightSyncError
+from genbackends.backend import BackendOptions
 from genbackends.capabilities import BackendCapabilities
 from genbackends.prompts import dataset_from_config
+from genbackends.sampling_rules import token_budget
+from genbackends.sync_safety import StreamChecker
 from genbackends.weights import PhaseTimer, SyncReport, as_weight_source, validate_manifest
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class TorchKVOptions(BaseModel):
-    """``options: {torchkv: {...}}``."""
-
-    model_config = ConfigDict(extra="forbid")
+class TorchKVOptions(BackendOptions):
+    """``options: {torchkv: {...}}`` (BackendOptions: unknown keys are errors)."""
 
     attn_implementation: Literal["eager", "sdpa"] | None = Field(None, description="transformers attention kernel")
 
@@ -95,37 +96,33 @@ class TorchKVBackend(GenerationBackend):
             raise ConfigError(f"model: cannot load {cfg.model!r}: {str(e).splitlines()[0]}") from None
         self.model = model.to(self.device).eval()
         self._eos = _eos_ids(self.tokenizer, self.model)
-        self._mark_ready()
+        # returning marks the backend ready; the base class fires genbackends_on_backend_ready
 
     def shutdown(self) -> None:
-        self.model = None
-        self._mark_shutdown()
+        self.model = None  # the base class marks the backend shut down; later calls raise
 
     def capabilities(self) -> BackendCapabilities:
         # Moving the weights to the host frees memory only on an accelerator.
         return BackendCapabilities(sleep_levels=(1,) if self._home.type == "cuda" else ())
 
     def sleep(self, level: int = 1) -> None:
-        self._require_ready()
         if self._home.type == "cuda":
             self.model.to("cpu")
             self.device = torch.device("cpu")
             torch.cuda.empty_cache()
 
     def wake_up(self, tags: Sequence[str] | None = None) -> None:
-        self._require_ready()
         if self.device != self._home:
             self.model.to(self._home)
             self.device = self._home
 
     # ---- the four jobs ---------------------------------------------------------------------
     def build_dataset(self, prompts: Any, is_eval: bool = False) -> list[dict[str, Any]]:
-        self._require_ready()
+        self._require_ready()  # not guarded by the base class: the tokenizer comes with setup()
         return dataset_from_config(prompts, self.tokenizer, self.config)
 
     def forward_step(self, data: Any, iteration: int = 0, eval_mode: bool = False) -> list[PromptOutput]:
-        self._require_ready()
-        sp = self.config.sampling.resolved(eval_mode)
+        sp = self.config.sampling.resolved(eval_mode)  # this call's sampling, eval_* applied
         gen = torch.Generator(device=self.device)
         if sp.seed is not None:
             gen.manual_seed(sp.seed + iteration)  # same call, same weights -> same tokens
@@ -167,32 +164,34 @@ class TorchKVBackend(GenerationBackend):
         return {n: tuple(p.shape) for n, p in self.model.named_parameters(remove_duplicate=False)}
 
     def sync_weights(self, source: Any) -> SyncReport:
-        self._require_ready()
         timer = PhaseTimer()
         with timer.phase("validate"):
             src = as_weight_source(source)
             manifest = src.manifest()
             validate_manifest(manifest, self.expected_weights(), what="torchkv model")
             params = dict(self.model.named_parameters(remove_duplicate=False))
+        checker = StreamChecker(manifest)  # each bucket vs the manifest, finite values
         backup: list[tuple[torch.Tensor, torch.Tensor]] = []
         count = nbytes = 0
         try:
             with timer.phase("load"), torch.no_grad():
-                for bucket in src.iter_buckets():
+                for i, bucket in enumerate(src.iter_buckets()):
+                    checker.check_bucket(bucket, i)  # before any byte of this bucket is written
                     for name, t in bucket:
-                        spec = manifest.get(name)
-                        if spec is None or tuple(t.shape) != tuple(spec.shape):
-                            raise WeightSyncError(f"weight source produced {name!r} {tuple(t.shape)}, not in its manifest")
                         dst = params[name]
                         backup.append((dst, dst.detach().to("cpu", copy=True)))
                         dst.copy_(t.to(dst.device))
                         count += 1
                         nbytes += t.numel() * t.element_size()
-        except Exception:
+                checker.finish()  # every announced tensor arrived
+        except Exception as e:
             with torch.no_grad():  # a source that broke its manifest mid-stream: put the old weights back
                 for dst, old in reversed(backup):
                     dst.copy_(old.to(dst.device))
-            raise
+            if isinstance(e, WeightSyncError):
+                raise
+            raise WeightSyncError(f"weight sync failed ({type(e).__name__}: {e}); the previous weights were restored") from e
+        # the base class fires genbackends_on_after_sync with this report
         return SyncReport(path="hf", transport="in-process", num_tensors=count, bytes_moved=nbytes,
                           seconds=timer.total, phases=dict(timer.phases))
 
@@ -200,7 +199,7 @@ class TorchKVBackend(GenerationBackend):
     def _generate_prompt(self, out: PromptOutput, sp: Any, gen: torch.Generator) -> None:
         ids = out.prompt_token_ids
         rows = sp.n
-        limit = sp.max_new_tokens if sp.new_token_limit else max(1, self.config.seq_length - len(ids))
+        limit = token_budget(sp, self.config.seq_length, len(ids))
         x = torch.tensor([ids] * rows, dtype=torch.long, device=self.device)
         tokens: list[list[int]] = [[] for _ in range(rows)]
         lps: list[list[float]] = [[] for _ in range(rows)]
