@@ -421,6 +421,10 @@ class RolloutEngine(ABC):
         await self._resume()
         self.paused = None
 
+    def progress(self, request_id: str) -> int:
+        """Tokens generated so far by an in-flight request (0 if unknown or finished)."""
+        return 0
+
     def set_weight_version(self, version: int) -> None:
         """Label the weights now in the engine (records produced from now on carry it)."""
         self.weight_version = int(version)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -71,6 +72,14 @@ class HFRolloutEngine(RolloutEngine):
         self.steps = 0
         self._thread = threading.Thread(target=self._run, name="genbackends-hf-rollouts", daemon=True)
         self._thread.start()
+
+    def progress(self, request_id: str) -> int:
+        """Tokens generated so far by an in-flight request (0 if unknown or finished)."""
+        with self._cv:
+            for r in itertools.chain(self._rows, self._waiting, self._held):
+                if r.adm.request_id == request_id:
+                    return len(r.tokens)
+        return 0
 
     # ---- RolloutEngine -------------------------------------------------------------------
     def _submit(self, admitted: list[Admitted]) -> None:

@@ -100,6 +100,10 @@ class VLLMRolloutEngine(RolloutEngine):
         if self.native_versions:
             await self.llm.update_weight_version(str(self.weight_version))
 
+    def progress(self, request_id: str) -> int:
+        """Tokens received so far for an in-flight request (0 if unknown or finished)."""
+        return self._received.get(request_id, 0)
+
     # ---- RolloutEngine -----------------------------------------------------------------------
     def _submit(self, admitted: list[Admitted]) -> None:
         params = [self._params(a) for a in admitted]
