@@ -10,7 +10,7 @@ The steps, each with its own function so callers (CLI, demo, benchmarks, tests) 
 2. :func:`apply_overrides` applies ``KEY.PATH=VALUE`` strings; the value is parsed as YAML
    (``0.7`` is a float, ``true`` a bool, ``null`` None, ``"a;b"`` a string). A mapping value
    (``--set 'sampling={temperature: 0.5}'``) merges into the section like an include does
-   instead of replacing it: keys it does not name keep their values.
+   instead of replacing it: keys it does not name keep their values (``KEY={}`` empties a section).
 3. :func:`validate_config` builds the :class:`GenConfig`; errors name the field path and the bad
    value in one line.
 
@@ -127,8 +127,9 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
                 raise ConfigError(f"--set {text!r}: {where} is {nxt!r}, not a section")
             node = nxt
         old = node.get(parts[-1])
-        if isinstance(value, Mapping) and isinstance(old, Mapping):
-            # `--set 'sampling={temperature: 0.5}'` must not drop the section's other keys.
+        if isinstance(value, Mapping) and value and isinstance(old, Mapping):
+            # `--set 'sampling={temperature: 0.5}'` must not drop the section's other keys;
+            # an empty mapping (`--set options.vllm={}`) still clears a section.
             node[parts[-1]] = deep_merge(old, value)
         else:
             node[parts[-1]] = value

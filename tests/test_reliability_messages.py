@@ -79,6 +79,7 @@ def test_config_messages(tmp_path, tiny_llama):
     cfg = load_config(top, ["sampling={temperature: 0.5, seed: 3}"])
     s = cfg.sampling
     assert (s.temperature, s.seed, s.max_new_tokens, s.top_k) == (0.5, 3, 4, 5)
+    assert load_config(top, ["options.hf={}"]).options["hf"] == {}  # an empty mapping clears
 
     # options.* are validated when the backend is created: the error still names the config file
     cfg = load_config(top, ["options.hf.bogus=1"])
