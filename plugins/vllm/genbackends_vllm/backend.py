@@ -88,8 +88,20 @@ class VLLMBackend(AsyncRolloutsMixin, GenerationBackend):
         else:
             colocated = par.executor == "external_launcher"
             in_process = opt.in_process
+            # An engine in this process joins an already initialised torch.distributed world
+            # (vLLM's init_world_group calls new_group on it): with a trainer of several ranks
+            # building the engine on one rank, the others never join and setup hangs. Default to
+            # an engine process with its own world then; refuse an explicit in_process at once.
+            trainer_world = _trainer_world_size()
             if in_process is None:
-                in_process = colocated or (world == 1 and par.data_parallel_size == 1 and par.executor in ("auto", "uni"))
+                in_process = colocated or (world == 1 and par.data_parallel_size == 1 and par.executor in ("auto", "uni")
+                                           and trainer_world <= 1)
+            if in_process and not colocated and trainer_world > 1:
+                raise ConfigError(
+                    f"options.vllm.in_process: true would make vLLM join this process's torch.distributed world of "
+                    f"{trainer_world} ranks and wait for the others forever; set it false (the default here: the "
+                    "engine gets its own process), or build the engine on every rank with parallel.executor "
+                    "external_launcher")
             if colocated and not in_process:
                 raise ConfigError("options.vllm.in_process: must be true with parallel.executor external_launcher")
             if par.data_parallel_size > 1 and in_process:
@@ -347,6 +359,13 @@ class VLLMBackend(AsyncRolloutsMixin, GenerationBackend):
             raise BackendStateError(
                 f"backend is asleep (level {self._asleep}); call wake_up() before generating"
             )
+
+
+def _trainer_world_size() -> int:
+    """Size of the torch.distributed world this process already belongs to (1 when none)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _split_batch(data: Any) -> tuple[list[list[int]], list[str | None]]:

@@ -39,7 +39,11 @@ class VLLMOptions(BaseModel):
     trust_remote_code: bool = False
     in_process: bool | None = Field(
         None,
-        description="run the engine core in this process (default: when TP*PP == 1 and one local replica)",
+        description=(
+            "run the engine core in this process (default: when TP*PP == 1, one local replica and this "
+            "process is not already in a torch.distributed world of several ranks; in such a world the "
+            "engine gets its own process, and true is refused: vLLM would join the trainer's world and hang)"
+        ),
     )
     sync_transport: Literal["auto", "direct", "rpc", "group"] = Field(
         "auto",
