@@ -277,10 +277,16 @@ class DirectWeightSource(Protocol):
     """A source that can write its shards straight into an engine's own parameter storage.
 
     The direct path: instead of producing full HF-named tensors, the source computes a plan from
-    metadata (which slices of which trainer shards each engine rank needs) and writes them into
-    the engine's parameters. A backend that supports it (see :class:`DirectWriteTarget`) calls
-    ``validate_direct(target)`` (the whole plan, before any byte moves) then
-    ``write_direct(target)``. Backends that don't fall back to the HF-named ``iter_buckets``.
+    metadata (which slices of which trainer shards land in which engine parameter) between its own
+    layout and the layout the engine publishes (``target.weight_layout()``, a
+    :class:`~genbackends.weight_layout.WeightLayout`), and hands the writes to the engine's writer
+    (``target.apply_writes``). It is always driven by the backend's ``sync_weights(source,
+    path="direct")``, which validates, guards, invalidates caches, fires hooks and reports around
+    it: ``validate_direct(target)`` (the whole plan, before any byte moves) then
+    ``write_direct(target)``. A source spread over several trainer ranks also offers
+    ``write_direct(target, collective=True, refusal=...)``, called on every rank (``target`` None
+    where no engine lives) through ``sync_weights(source, path="direct", collective=True)``.
+    Backends without direct writes fall back to the HF-named ``iter_buckets``.
     """
 
     def manifest(self) -> dict[str, TensorSpec]:
@@ -300,11 +306,18 @@ class DirectWeightSource(Protocol):
 
 @runtime_checkable
 class DirectWriteTarget(Protocol):
-    """What a backend offers the direct path: its engine's TP layout and a way to run a
-    function next to every engine worker's model (in-process or colocated ranks)."""
+    """What a backend offers the direct path: the layout of its engine's parameters, published
+    (:meth:`weight_layout`), and a writer applying a planner's writes to them (:meth:`apply_writes`).
+    ``run_on_workers`` is the lower-level hook both are built on."""
 
-    def engine_layout(self) -> dict[str, Any]:
-        """``{"tensor_parallel_size": int, "params": {rank: {engine_param_name: (shape, dtype)}}}``."""
+    def weight_layout(self) -> Any:
+        """The engine's :class:`~genbackends.weight_layout.WeightLayout` (per rank and parameter:
+        HF sources, shape, dtype, shard axis, runs), checked against its live parameters."""
+        ...
+
+    def apply_writes(self, ops: Any, sources: dict, *, plan_id: int, transport: str = "auto", dtype: Any = None) -> dict[str, Any]:
+        """Apply :data:`~genbackends.weight_layout.WriteOps` reading slices of ``sources`` on every
+        reachable worker; returns ``bytes_moved``, ``num_tensors``, ``transport``, ``phases``."""
         ...
 
     def run_on_workers(self, fn: Any, *args: Any, **kwargs: Any) -> list[Any]:

@@ -13,9 +13,18 @@ import torch
 from genbackends.errors import WeightSyncError
 from genbackends_megatron.layout import (
     MegatronParallel, ModelDims, canonical_megatron_name, hf_layout, hf_shapes, megatron_layout, stage_layers,
-    vllm_layout,
+    target_layout,
 )
 from genbackends_megatron.plan import apply_local, check_exact_cover, make_plan
+from genbackends_vllm.published_layout import planned_layout
+
+
+def vllm_layout(d: ModelDims, tp: int, dtype: torch.dtype = torch.float32):
+    """The layout the vLLM plugin publishes for this model at TP ``tp`` (computed without an
+    engine), as the adapter's plan target."""
+    cfg = {"hidden_size": d.hidden_size, "num_attention_heads": d.num_heads, "num_key_value_heads": d.num_kv_heads,
+           "head_dim": d.head_dim, "tie_word_embeddings": d.tied}
+    return target_layout(planned_layout(hf_shapes(d), cfg, tp, dtype))
 
 
 def dims(arch: str, layers: int = 4, heads: int = 8, kv: int = 2, vocab: int = 300) -> ModelDims:
@@ -203,18 +212,34 @@ def test_virtual_pipeline_and_uneven_stage_numbering():
 
 
 def test_engine_layout_mismatch_rejected_before_any_write():
-    """The direct path compares the plan with the engine's own parameter list (a pure check; the
-    engine side of it runs for real in test_megatron_sync)."""
-    from genbackends_megatron.direct import check_engine_layout
+    """The vLLM plugin checks the layout it publishes against the engine's own parameter list (a
+    pure check; the engine side of it runs for real in test_megatron_sync)."""
+    from genbackends.weight_layout import check_live_params
 
     d = dims("llama")
-    planned = vllm_layout(d, 2)
-    engine = {r: {k[1]: (s.shape, s.dtype) for k, s in planned.items() if k[0] == (r,)} for r in range(2)}
-    check_engine_layout(planned, engine)  # identical: fine
+    cfg = {"hidden_size": d.hidden_size, "num_attention_heads": d.num_heads, "num_key_value_heads": d.num_kv_heads,
+           "head_dim": d.head_dim, "tie_word_embeddings": d.tied}
+    published = planned_layout(hf_shapes(d), cfg, 2)
+    engine = {r: {n: (p.shape, p.dtype) for n, p in published.rank(r).items()} for r in range(2)}
+    check_live_params(published, engine)  # identical: fine
     engine[1]["model.layers.0.mlp.experts.w13_weight"] = ((4, 8), torch.float32)
     with pytest.raises(WeightSyncError, match="experts.w13_weight"):
-        check_engine_layout(planned, engine)
+        check_live_params(published, engine)
     del engine[1]["model.layers.0.mlp.experts.w13_weight"]
     engine[0]["model.layers.2.self_attn.o_proj.weight"] = ((32, 33), torch.float32)
     with pytest.raises(WeightSyncError, match=r"o_proj.weight is \(32, 33\)"):
-        check_engine_layout(planned, engine)
+        check_live_params(published, engine)
+
+
+def test_published_layout_describes_fused_pieces_and_padding():
+    """What the vLLM plugin publishes per parameter: HF sources, fused pieces, padding."""
+    d = dims("llama", heads=8, kv=2)
+    cfg = {"hidden_size": d.hidden_size, "num_attention_heads": d.num_heads, "num_key_value_heads": d.num_kv_heads,
+           "head_dim": d.head_dim, "tie_word_embeddings": d.tied}
+    lay = planned_layout(hf_shapes(d), cfg, 2)
+    qkv = lay.rank(1)["model.layers.0.self_attn.qkv_proj.weight"]
+    assert qkv.sources == ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
+                           "model.layers.0.self_attn.v_proj.weight")
+    assert [(h.rsplit(".", 2)[-2], off, n) for h, off, n in qkv.fused_pieces] == [("q_proj", 0, 32), ("k_proj", 32, 8), ("v_proj", 40, 8)]
+    emb = lay.rank(1)["model.embed_tokens.weight"]
+    assert emb.shape == (160, 32) and emb.padding == ((140, 20),)  # 300 -> 320 rows, rank 1 holds 160..319

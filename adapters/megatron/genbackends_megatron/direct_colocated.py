@@ -5,17 +5,20 @@ of one of several data-parallel replicas), and ``run_on_workers`` reaches only t
 worker. A single engine host (:func:`~genbackends_megatron.direct.write_direct_collective`) can
 therefore not write every engine rank; here every engine rank writes its own worker:
 
-1. Each engine rank reports the TP rank of its worker and the engine's TP size (all ranks agree
-   on them; a trainer rank that hosts no engine only sends).
-2. Per engine rank, a pure plan Megatron layout -> that worker's vLLM parameters, preferring
-   source shards the rank itself holds (replicated norms, equal TP), validated against the
-   worker's real parameters. All ranks agree on the outcome before a byte moves.
+1. Each engine rank reads the layout its backend publishes (``weight_layout()``: checked by the
+   engine against its worker's real parameters) and reports the TP rank of its worker and the
+   engine's TP size (all ranks agree on them; a trainer rank that hosts no engine only sends, and
+   plans from the first engine rank's layout).
+2. Per engine rank, a pure plan Megatron layout -> that worker's parameters, preferring source
+   shards the rank itself holds (replicated norms, equal TP). All ranks agree on the outcome
+   before a byte moves.
 3. Slices held by another rank travel once per sync, one packed buffer per (owner, destination)
    pair, in one ``batch_isend_irecv`` over the trainer's default group (NCCL on GPUs: the
    fast link between the ranks). Receive buffers persist between syncs, so the worker's compiled
    copy views stay cached.
-4. Each engine rank copies its local and received slices straight into its worker's parameters
-   (:func:`~genbackends_megatron.direct.apply_on_worker`), then drops the engine's prefix cache.
+4. Each engine rank hands its copies (local and received slices) to its backend's writer
+   (``apply_writes``), which copies them straight into the worker's parameters. The backend's
+   ``sync_weights`` (collective form) around it drops the prefix cache, fires the hooks and reports.
 """
 from __future__ import annotations
 
@@ -27,16 +30,10 @@ import torch
 import torch.distributed as dist
 
 from genbackends.errors import WeightSyncError
-from genbackends_megatron.direct import (
-    apply_on_worker, check_engine_layout, pack_pieces, piece_numel, piece_views, rank_ops, reroute,
-)
+from genbackends_megatron.direct import pack_pieces, piece_numel, piece_views, rank_ops, reroute
 from genbackends_megatron.topology import agree, all_gather_objects
 
 _CACHE_KEY = "colocated"
-
-
-def _worker_tp_rank(model: Any, tp_rank: int) -> int:
-    return int(tp_rank)
 
 
 class ColocatedDirectWriter:
@@ -44,27 +41,28 @@ class ColocatedDirectWriter:
     over all trainer ranks (``backend`` on engine ranks, None elsewhere)."""
 
     def __init__(self, source: Any, backend: Any | None):
-        from genbackends_megatron.layout import vllm_layout
+        from genbackends_megatron.layout import target_layout
         from genbackends_megatron.plan import make_plan
-        from genbackends_megatron.vllm_glue import logical_params
 
         t0 = time.perf_counter()
         self.source, self.backend = source, backend
         topo = source.topo
         self.me = topo.rank
         hosts = tuple(source.engine_ranks)
-        # 1. Which engine TP rank lives on which trainer rank (and the engine's TP size).
-        mine: tuple[int, int] | None = None
+        # 1. The published layout, which engine TP rank lives on which trainer rank, the TP size.
+        mine: tuple[int, int, Any] | None = None
         err = None
         if backend is not None:
             try:
-                ranks = backend.run_on_workers(_worker_tp_rank)
-                if len(ranks) != 1:
-                    raise WeightSyncError(f"expected one engine worker in this process, found {len(ranks)} "
+                published = backend.weight_layout()
+                if len(published.local_ranks) != 1:
+                    raise WeightSyncError(f"expected one engine worker in this process, found {len(published.local_ranks)} "
                                           "(colocated engines use the external_launcher executor)")
-                mine = (int(ranks[0]), int(backend.engine_layout()["tensor_parallel_size"]))
+                # Only the first engine rank ships its layout (the others plan from it too).
+                mine = (int(published.local_ranks[0]), int(published.tensor_parallel_size),
+                        published if self.me == hosts[0] else None)
             except Exception as ex:  # noqa: BLE001 - every rank must learn of it (agree) before raising
-                err = f"{type(ex).__name__}: {ex}"
+                err = str(ex) if isinstance(ex, WeightSyncError) else f"{type(ex).__name__}: {ex}"
         elif self.me in hosts:
             err = "this rank is listed in engine_ranks but was given no backend"
         agree(err)
@@ -78,24 +76,21 @@ class ColocatedDirectWriter:
         if bad:
             raise WeightSyncError(f"engine TP rank out of range on trainer rank(s) {bad} (TP {self.engine_tp})")
         # 2. One plan per engine rank, preferring shards the destination holds itself.
-        dst_all = vllm_layout(source.dims, self.engine_tp, source.dtype)
+        dst_all = target_layout(everyone[hosts[0]][2])
 
         def owner(loc: tuple[int, int, int]) -> int:
             pp, _v, t = loc
             return topo.where[(pp, t)]
 
         self.plans: dict[int, Any] = {}
-        for g in hosts:
-            e = self.engine_rank_of[g]
-            dst = {k: v for k, v in dst_all.items() if k[0] == (e,)}
-            self.plans[g] = make_plan(source.layout, dst, prefer=lambda s, d, g=g: 0 if owner(s.loc) == g else 1 + owner(s.loc))
         err = None
-        if backend is not None:
-            try:
-                params = backend.run_on_workers(logical_params)[0]["params"]
-                check_engine_layout(self.plans[self.me].dst, {self.engine_rank_of[self.me]: params})
-            except Exception as ex:  # noqa: BLE001 - agreed below
-                err = str(ex) if isinstance(ex, WeightSyncError) else f"{type(ex).__name__}: {ex}"
+        try:
+            for g in hosts:
+                e = self.engine_rank_of[g]
+                dst = {k: v for k, v in dst_all.items() if k[0] == (e,)}
+                self.plans[g] = make_plan(source.layout, dst, prefer=lambda s, d, g=g: 0 if owner(s.loc) == g else 1 + owner(s.loc))
+        except WeightSyncError as ex:
+            err = str(ex)
         agree(err)
         # 3. Who sends which slices to whom.
         shards = source.model.named_shards()
@@ -129,10 +124,10 @@ class ColocatedDirectWriter:
         e = self.engine_rank_of[self.me]
         return {e: rank_ops(ops_plan, self.engine_tp)[e]}, views
 
-    def sync(self) -> Any:
-        """Exchange remote slices, then copy into this rank's engine worker. Returns a
-        :class:`~genbackends.weights.SyncReport` on engine ranks, None elsewhere."""
-        from genbackends.weights import PhaseTimer, SyncReport
+    def sync(self) -> dict[str, Any] | None:
+        """Exchange remote slices, then write this rank's engine worker. Returns the write details
+        for the backend's report on engine ranks, None elsewhere."""
+        from genbackends.weights import PhaseTimer
 
         timer = PhaseTimer()
         shards = {k: v.detach() for k, v in self.source.model.named_shards().items()}
@@ -152,20 +147,16 @@ class ColocatedDirectWriter:
         if self.backend is None:
             return None
         with timer.phase("write"):
-            res = self.backend.run_on_workers(apply_on_worker, {"ops": self.ops, "src": {**shards, **self.remote_views},
-                                                                "plan_id": self.plan_id})
-        with timer.phase("reset_cache"):
-            for r in getattr(self.backend, "replicas", []):
-                r.reset_prefix_cache()
-        written = int(sum(r["bytes"] for r in res))
-        return SyncReport(path="direct", transport="p2p+colocated", num_tensors=int(sum(r["params"] for r in res)),
-                          bytes_moved=written, seconds=timer.total, phases=dict(timer.phases),
-                          details={"received_bytes": self.remote_bytes, "sent_bytes": sent, "engine_tp": self.engine_tp,
-                                   "engine_rank": self.engine_rank_of[self.me], "plan_seconds": self.plan_seconds,
-                                   "plan_pieces": len(self.plans[self.me].pieces)})
+            res = self.backend.apply_writes(self.ops, {**shards, **self.remote_views}, plan_id=self.plan_id,
+                                            dtype=self.source.dtype)
+        return {"transport": "p2p+colocated", "num_tensors": int(res["num_tensors"]), "bytes_moved": int(res["bytes_moved"]),
+                "phases": dict(timer.phases),
+                "details": {"received_bytes": self.remote_bytes, "sent_bytes": sent, "engine_tp": self.engine_tp,
+                            "engine_rank": self.engine_rank_of[self.me], "plan_seconds": self.plan_seconds,
+                            "plan_pieces": len(self.plans[self.me].pieces), "writer_transport": res["transport"]}}
 
 
-def write_direct_colocated(source: Any, backend: Any | None) -> Any:
+def write_direct_colocated(source: Any, backend: Any | None) -> dict[str, Any] | None:
     """Collective direct sync when several trainer ranks host engine workers (``engine_ranks``).
     The plan is built and validated on the first sync into an engine and reused afterwards."""
     writer = source._direct_cache.get(_CACHE_KEY)

@@ -1,7 +1,7 @@
 """Pure layout math: where every element of every HF tensor lives on each side of a sync.
 
-A *layout* maps each parameter of one side (Megatron shards, vLLM rank parameters, or full HF
-tensors) to a :class:`ParamSpec`: its shape, the one axis along which it is assembled from HF
+A *layout* maps each parameter of one side (Megatron shards, an engine's published rank
+parameters (:func:`target_layout`), or full HF tensors) to a :class:`ParamSpec`: its shape, the one axis along which it is assembled from HF
 tensors, and a list of :class:`Seg` runs ``(hf_name, hf_lo, lo, length)`` meaning "indices
 ``lo .. lo+length`` of this parameter along ``axis`` are indices ``hf_lo .. hf_lo+length`` of HF
 tensor ``hf_name`` along the same axis" (the other axes are whole). Gaps between runs are padding
@@ -292,23 +292,6 @@ KINDS: dict[str, Callable[..., tuple]] = {"qkv": megatron_qkv, "gated": gated, "
                                           "replicated": replicated}
 
 
-def vllm_qkv(d: ModelDims, hf: tuple[str, ...], t: int, r: int, shapes: dict) -> tuple:
-    """vLLM's QKVParallelLinear shard: ``[q_r; k_r; v_r]``; when TP > KV heads each KV head is
-    replicated on ``t / kv`` consecutive ranks."""
-    hd, kv = d.head_dim, d.num_kv_heads
-    qh = _chunk(d.num_heads, t, "num_attention_heads (vLLM)")
-    if kv >= t:
-        kvr, idx = _chunk(kv, t, "num_key_value_heads (vLLM)"), r
-    else:
-        if t % kv:
-            raise WeightSyncError(f"vLLM tensor-parallel size {t} is neither a multiple nor a divisor of {kv} KV heads")
-        kvr, idx = 1, r // (t // kv)
-    cols = tuple(shapes[hf[0]][1:])
-    segs = [Seg(hf[0], r * qh * hd, 0, qh * hd), Seg(hf[1], idx * kvr * hd, qh * hd, kvr * hd),
-            Seg(hf[2], idx * kvr * hd, (qh + kvr) * hd, kvr * hd)]
-    return ((qh + 2 * kvr) * hd,) + cols, 0, segs
-
-
 # ---------------------------------------------------------------------------------------------
 # Layouts
 # ---------------------------------------------------------------------------------------------
@@ -369,47 +352,14 @@ def hf_layout(d: ModelDims, dtype: torch.dtype = torch.float32, loc: tuple[int, 
     return out
 
 
-def vllm_param_names(d: ModelDims) -> dict[str, tuple[str, ...]]:
-    """vLLM parameter name -> the HF tensors it is made of (fused ones listed in the table)."""
-    fused = d.table.vllm_fused
-    covered: set[str] = set()
-    out: dict[str, tuple[str, ...]] = {}
-    hf = hf_shapes(d)
-    for i in range(d.num_layers):
-        for v, parts in fused.items():
-            names = tuple(p.format(layer=i) for p in parts)
-            if all(n in hf for n in names):
-                out[v.format(layer=i)] = names
-                covered.update(names)
-    for n in hf:
-        if n not in covered:
-            out[n] = (n,)
-    return out
-
-
-def vllm_layout(d: ModelDims, tp: int, dtype: torch.dtype = torch.float32, pad_to: int = 64) -> Layout:
-    """Every vLLM parameter on every rank of a TP-``tp`` engine: keys ``((rank,), vllm_name)``.
-
-    Vocab-parallel embeddings pad the vocab to a multiple of ``pad_to`` (vLLM's 64) and split it
-    evenly; padding rows are zero. Tied models have no ``lm_head.weight`` (vLLM shares the
-    embedding).
-    """
-    shapes = hf_shapes(d)
-    padded = -(-d.vocab_size // pad_to) * pad_to
+def target_layout(published: Any) -> Layout:
+    """An engine's published :class:`~genbackends.weight_layout.WeightLayout` as a plan target:
+    keys ``((rank,), engine_param_name)``. The engine owns this knowledge (its sharding, fusions,
+    vocab padding, a tied head's absence); the adapter only reads it."""
     out: Layout = {}
-    for r in range(tp):
-        for vname, parts in vllm_param_names(d).items():
-            if parts[0].endswith(("embed_tokens.weight", "lm_head.weight")):
-                shape, axis, segs = vocab_rows(padded, d.vocab_size, parts[0], tp, r, (d.hidden_size,))
-            elif len(parts) == 3:
-                shape, axis, segs = vllm_qkv(d, parts, tp, r, shapes)
-            elif len(parts) == 2:
-                shape, axis, segs = gated(d, parts, tp, r, shapes)
-            elif hf_axis(parts[0]) == 1:
-                shape, axis, segs = row(d, parts, tp, r, shapes)
-            else:
-                shape, axis, segs = replicated(d, parts, tp, r, shapes)
-            out[((r,), vname)] = ParamSpec(vname, (r,), tuple(shape), axis, tuple(segs), dtype)
+    for p in published:
+        segs = tuple(Seg(r.hf, r.hf_lo, r.lo, r.length) for r in p.runs)
+        out[((p.rank,), p.name)] = ParamSpec(p.name, (p.rank,), tuple(p.shape), p.axis, segs, p.dtype)
     return out
 
 

@@ -32,13 +32,23 @@ def genbackends_register_weight_adapters() -> list[Any]:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from genbackends_megatron.layout import MegatronParallel, ModelDims, hf_layout, megatron_layout, vllm_layout
+    from genbackends.errors import ConfigError
+    from genbackends.registry import get_registry
+    from genbackends_megatron.layout import MegatronParallel, ModelDims, hf_layout, megatron_layout, target_layout
     from genbackends_megatron.plan import check_exact_cover, make_plan
 
     dims = ModelDims.from_hf_config(args.hf_config)
     par = MegatronParallel(tp=args.tp, pp=args.pp, vp=args.vp)
     src = megatron_layout(dims, par)
-    dst = hf_layout(dims) if args.target == "hf" else vllm_layout(dims, args.vllm_tp)
+    if args.target == "hf":
+        dst = hf_layout(dims)
+    else:
+        # The engine's layout is the engine plugin's knowledge: ask its backend class (no engine starts).
+        cls = get_registry().backend_class(args.target)
+        planned = getattr(cls, "planned_weight_layout", None)
+        if planned is None:
+            raise ConfigError(f"backend {args.target!r} publishes no weight layout to plan against")
+        dst = target_layout(planned(args.hf_config, args.vllm_tp))
     plan = make_plan(src, dst)
     check_exact_cover(plan)
     print(plan.describe(max_lines=args.max_lines))

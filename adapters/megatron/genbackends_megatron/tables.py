@@ -18,7 +18,7 @@ would become one more coordinate of a shard's location next to (pp, vp, tp).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 Stage = Literal["layer", "first", "last"]
@@ -42,8 +42,6 @@ class ArchTable:
 
     arch: str
     rules: tuple[Rule, ...]
-    # vLLM fuses some HF tensors into one parameter (its ``packed_modules_mapping``).
-    vllm_fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 _L = "decoder.layers.{layer}."
@@ -75,18 +73,12 @@ _MLP_NORM = Rule(
 _Q_NORM = Rule(_L + "self_attention.q_layernorm.weight", "replicated", (_H + "self_attn.q_norm.weight",), when="qk_norm")
 _K_NORM = Rule(_L + "self_attention.k_layernorm.weight", "replicated", (_H + "self_attn.k_norm.weight",), when="qk_norm")
 
-_VLLM_FUSED = {
-    _H + "self_attn.qkv_proj.weight": (_H + "self_attn.q_proj.weight", _H + "self_attn.k_proj.weight", _H + "self_attn.v_proj.weight"),
-    _H + "self_attn.qkv_proj.bias": (_H + "self_attn.q_proj.bias", _H + "self_attn.k_proj.bias", _H + "self_attn.v_proj.bias"),
-    _H + "mlp.gate_up_proj.weight": (_H + "mlp.gate_proj.weight", _H + "mlp.up_proj.weight"),
-}
-
-LLAMA = ArchTable("llama", (_EMBED, _IN_NORM, _QKV, _PROJ, _MLP_NORM, _FC1, _FC2, _FINAL_NORM, _OUTPUT), _VLLM_FUSED)
+LLAMA = ArchTable("llama", (_EMBED, _IN_NORM, _QKV, _PROJ, _MLP_NORM, _FC1, _FC2, _FINAL_NORM, _OUTPUT))
 # Qwen2: QKV bias; tied embeddings (the `untied` condition drops output_layer).
-QWEN2 = ArchTable("qwen2", (_EMBED, _IN_NORM, _QKV, _QKV_BIAS, _PROJ, _MLP_NORM, _FC1, _FC2, _FINAL_NORM, _OUTPUT), _VLLM_FUSED)
+QWEN2 = ArchTable("qwen2", (_EMBED, _IN_NORM, _QKV, _QKV_BIAS, _PROJ, _MLP_NORM, _FC1, _FC2, _FINAL_NORM, _OUTPUT))
 # Qwen3: per-head q/k RMSNorm before RoPE.
 QWEN3 = ArchTable(
-    "qwen3", (_EMBED, _IN_NORM, _QKV, _Q_NORM, _K_NORM, _PROJ, _MLP_NORM, _FC1, _FC2, _FINAL_NORM, _OUTPUT), _VLLM_FUSED
+    "qwen3", (_EMBED, _IN_NORM, _QKV, _Q_NORM, _K_NORM, _PROJ, _MLP_NORM, _FC1, _FC2, _FINAL_NORM, _OUTPUT)
 )
 
 TABLES: dict[str, ArchTable] = {t.arch: t for t in (LLAMA, QWEN2, QWEN3)}

@@ -11,8 +11,10 @@ One backend drives one or more engine replicas:
 * ``parallel.executor: external_launcher``: colocated mode, the engine lives inside the
   trainer's own torch.distributed ranks (every rank builds the backend; see docs/vllm.md).
 
-It also implements :class:`~genbackends.weights.DirectWriteTarget` (``engine_layout``,
-``run_on_workers``) for the direct Megatron -> vLLM path.
+It also implements :class:`~genbackends.weights.DirectWriteTarget` for the direct path: it
+publishes its weight layout (``weight_layout``, built in :mod:`genbackends_vllm.published_layout`)
+and applies a planner's writes (``apply_writes``, :mod:`genbackends_vllm.direct_writer`); a planner
+such as the Megatron adapter knows only its own side and the plan between the two.
 """
 from __future__ import annotations
 
@@ -267,30 +269,76 @@ class VLLMBackend(AsyncRolloutsMixin, GenerationBackend):
             not caps.direct_requires_repacking or (source is not None and compat.source_writes_repacked(source))
         )
 
-    def sync_weights(self, source: Any, *, path: str = "auto", version: int | None = None) -> SyncReport:
+    def sync_weights(self, source: Any, *, path: str = "auto", collective: bool = False, version: int | None = None) -> SyncReport:
         """Load new weights into every replica (see the module docstring of
         :mod:`genbackends_vllm.sync` for the paths). Validated before any byte is written.
 
         ``path="hf"`` makes a :class:`DirectWeightSource` go through its HF-named tensors even
-        where direct writes are possible; ``"direct"`` requires the direct path."""
+        where direct writes are possible; ``"direct"`` requires the direct path.
+
+        ``collective=True`` is the form for sources spread over several trainer ranks (the
+        Megatron adapter's ``source.sync(backend, path="direct")`` calls it on every rank that
+        holds an engine): the checks below run here as for any sync, but a refusal is handed to
+        the source's collective write, so every trainer rank learns of it before any byte moves
+        instead of the others waiting in a collective; this rank raises its own error."""
         if self._rollouts is not None:  # the asynchronous engine: only while paused or idle; bumps the version
             from genbackends_vllm.sync import sync_into
 
             return self._rollouts.sync_weights(lambda: sync_into(self, source, path=path), source, version)
-        self._require_ready()
         from genbackends_vllm.sync import sync_into
 
-        if self._asleep is not None and self._asleep_tags_missing("weights"):
-            raise BackendStateError("sync_weights while the weights are asleep: call wake_up(['weights']) first")
-        if path not in ("auto", "direct", "hf"):
-            raise ConfigError(f"sync_weights path must be 'auto', 'direct' or 'hf', got {path!r}")
-        report = sync_into(self, source, path=path)
+        refusal: Exception | None = None
+        try:
+            self._require_ready()
+            if self._asleep is not None and self._asleep_tags_missing("weights"):
+                raise BackendStateError("sync_weights while the weights are asleep: call wake_up(['weights']) first")
+            if path not in ("auto", "direct", "hf"):
+                raise ConfigError(f"sync_weights path must be 'auto', 'direct' or 'hf', got {path!r}")
+        except Exception as e:
+            if not collective:
+                raise
+            refusal = e
+        report = sync_into(self, source, path=path, collective=collective, refusal=refusal)
         return report  # the base class fires genbackends_on_after_sync
 
     # ---- DirectWriteTarget -----------------------------------------------------------------
+    def weight_layout(self) -> Any:
+        """The engine's :class:`~genbackends.weight_layout.WeightLayout`: per TP rank and engine
+        parameter its HF sources, shape, dtype, shard axis and runs (fused pieces, padding),
+        checked against the live parameters (:mod:`genbackends_vllm.published_layout`). Fixed
+        for the engine's lifetime: computed once."""
+        self._require_ready()
+        if getattr(self, "_weight_layout", None) is None:
+            from genbackends_vllm.published_layout import publish
+
+            self._weight_layout = publish(self)
+        return self._weight_layout
+
+    @classmethod
+    def planned_weight_layout(cls, model: str, tensor_parallel_size: int = 1, dtype: Any = None) -> Any:
+        """The layout an engine of ``model`` (HF folder or ``config.json``) at this TP size would
+        publish, computed without starting one (dry-run planning, ``genbackends plan``)."""
+        import torch
+
+        from genbackends_vllm.published_layout import planned_layout_for_model
+
+        return planned_layout_for_model(model, tensor_parallel_size, dtype or torch.float32)
+
+    def apply_writes(self, ops: dict, sources: dict, *, plan_id: int, transport: str = "auto", dtype: Any = None) -> dict[str, Any]:
+        """The direct path's writer: apply a planner's :data:`~genbackends.weight_layout.WriteOps`
+        (per engine rank, copies from slices of ``sources`` and zero fills) to the engine
+        parameters of every worker this process reaches, then let the engine compute with them
+        (CPU: re-pack). ``transport`` for workers in other processes: ``auto``/``group`` (our own
+        group) or ``rpc``. Only ``sync_weights`` should call this (through the source): it is
+        what validates, guards and reports around it. See :mod:`genbackends_vllm.direct_writer`."""
+        self._require_ready()
+        from genbackends_vllm.direct_writer import apply_writes
+
+        return apply_writes(self, ops, sources, plan_id=plan_id, transport=transport, dtype=dtype)
+
     def engine_layout(self) -> dict[str, Any]:
         """TP size and, per TP rank, the engine parameters' names, shapes and dtypes (of replica 0;
-        every replica has the same layout)."""
+        every replica has the same layout). Planners use :meth:`weight_layout` instead."""
         self._require_ready()
         per_rank = self.replicas[0].param_layout()
         return {

@@ -12,6 +12,8 @@ from typing import Any, Iterable, Iterator, Mapping
 
 from genbackends.weights import SafetensorsFolderSource
 
+from genbackends_vllm.published_layout import FUSED_INTO
+
 _LLAMA_LIKE = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM"}
 
 
@@ -57,10 +59,10 @@ def expected_hf_weights(model_dir: str) -> dict[str, tuple[int, ...]]:
     return expected_from_config(json.loads((p / "config.json").read_text()))
 
 
-# HF tensors vLLM stores in one fused module (its ``packed_modules_mapping`` for Llama-like
-# models). A live reload processes each module once all its elements arrived; a module that got
-# only some of them would be repacked with stale parts, so members travel and validate together.
-_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+# HF tensors vLLM stores in one fused module (one map, kept with the published layout). A live
+# reload processes each module once all its elements arrived; a module that got only some of them
+# would be repacked with stale parts, so members travel and validate together.
+_FUSED = FUSED_INTO
 
 
 def fusion_key(name: str) -> str:

