@@ -10,9 +10,10 @@ import threading
 from typing import Any, Callable
 
 
-def start_in_background(fn: Callable[[], Any]) -> Callable[[], Any]:
-    """Start ``fn()`` in a daemon thread; return ``join()``, which waits for it and returns its
-    result or re-raises its exception in the caller."""
+def start_in_background(fn: Callable[[], Any]) -> Callable[..., Any]:
+    """Start ``fn()`` in a daemon thread; return ``join(check=None)``, which waits for it and
+    returns its result or re-raises its exception in the caller. ``check`` is called while it
+    waits (every 0.2 s) and ends the wait by raising; the thread then runs on (daemon)."""
     box: dict[str, Any] = {}
 
     def run() -> None:
@@ -24,8 +25,13 @@ def start_in_background(fn: Callable[[], Any]) -> Callable[[], Any]:
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
 
-    def join() -> Any:
-        thread.join()
+    def join(check: Callable[[], Any] | None = None, poll_s: float = 0.2) -> Any:
+        # ``check`` (e.g. "are the engine's processes alive?") runs every ``poll_s`` while the
+        # call is still running and may raise, so a wait on a dead peer ends in seconds.
+        while thread.is_alive():
+            thread.join(None if check is None else poll_s)
+            if check is not None and thread.is_alive():
+                check()
         if "error" in box:
             raise box["error"]
         return box.get("result")

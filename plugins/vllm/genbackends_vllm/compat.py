@@ -247,3 +247,65 @@ def memory_stats() -> dict[str, float]:
     except Exception:  # pragma: no cover
         pass
     return {}
+
+
+# ---- failure detection (see genbackends_vllm.liveness and docs/vllm.md "Failure detection") ----
+# vLLM 0.24 and 0.32 share these client internals (``SyncMPClient``: ``resources.engine_manager``
+# with the engine-core ``multiprocessing`` processes, ``resources.engine_dead``, ``outputs_queue``,
+# ``utility_results``); each is looked up with getattr so a release without one degrades to
+# "not watched" instead of failing.
+
+
+def _core_client(llm: Any) -> Any:
+    return getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+
+
+def engine_core_processes(llm: Any) -> list[tuple[str, int, Any]]:
+    """(name, pid, exitcode getter) of each engine-core process of a multi-process ``LLM``;
+    empty when the engine core runs in this process."""
+    manager = getattr(getattr(_core_client(llm), "resources", None), "engine_manager", None)
+    out = []
+    for proc in getattr(manager, "processes", None) or []:
+        if getattr(proc, "pid", None) is not None:
+            out.append((str(getattr(proc, "name", "EngineCore")), int(proc.pid), lambda p=proc: p.exitcode))
+    return out
+
+
+def engine_reported_dead(llm: Any) -> bool:
+    """Whether vLLM's own client has marked its engine core dead."""
+    return bool(getattr(getattr(_core_client(llm), "resources", None), "engine_dead", False))
+
+
+def fail_engine_waits(llm: Any, error: BaseException) -> None:
+    """Wake every caller blocked on a dead multi-process engine with ``error``: the output queue
+    ``LLM.generate`` reads (vLLM's monitor shuts the reader thread down without a word, so the
+    caller would wait forever) and the futures of pending utility calls (``collective_rpc``)."""
+    client = _core_client(llm)
+    q = getattr(client, "outputs_queue", None)
+    if q is not None and hasattr(q, "put_nowait"):
+        try:
+            q.put_nowait(error)
+        except Exception:  # pragma: no cover - an asyncio queue of another loop, etc.
+            pass
+    for fut in list((getattr(client, "utility_results", None) or {}).values()):
+        try:
+            if not fut.done():
+                fut.set_exception(error)
+        except Exception:  # pragma: no cover - already resolved meanwhile
+            pass
+
+
+def abort_all_requests(llm: Any) -> int:
+    """Abort every request still in the engine (left behind by an interrupted ``generate``);
+    returns how many. Without this the next ``generate`` runs them too and returns their
+    outputs along with its own."""
+    engine = llm.llm_engine
+    ids = list(getattr(engine.output_processor, "request_states", {}) or {})
+    if ids:
+        import inspect
+
+        # 0.32 keys request_states by internal ids and says so with internal=True; older
+        # releases have no such argument (one id space).
+        internal = "internal" in inspect.signature(engine.abort_request).parameters
+        engine.abort_request(ids, **({"internal": True} if internal else {}))
+    return len(ids)

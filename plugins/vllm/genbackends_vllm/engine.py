@@ -7,10 +7,12 @@ the setting to change.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from genbackends.background import start_in_background
 from genbackends.errors import BackendStateError, ConfigError
@@ -69,6 +71,15 @@ def _param_layout(model: Any, tp_rank: int) -> dict[str, tuple[tuple[int, ...], 
     return {n: (tuple(p.shape), p.dtype) for n, p in model.named_parameters()}
 
 
+def _worker_pid(model: Any, tp_rank: int) -> int:
+    return os.getpid()
+
+
+def dead_message(reason: str, note: str = "") -> str:
+    """The one line every call on a dead engine raises (``note``: what this call did not do)."""
+    return f"engine is dead: {reason}; {note + '; ' if note else ''}create a new backend"
+
+
 class LocalEngine:
     """A ``vllm.LLM`` plus the calls the backend makes on it."""
 
@@ -80,6 +91,8 @@ class LocalEngine:
         self.lock = threading.RLock()
         self._group: Any = None
         self.sync_port: int | None = None
+        self._watch: Any = None  # liveness.EngineWatch of a multi-process engine
+        self.dead_reason: str | None = None  # set once a death is seen; every later call raises
 
     # ---- lifecycle ---------------------------------------------------------------------
     def start(self) -> "LocalEngine":
@@ -100,19 +113,100 @@ class LocalEngine:
         except Exception as e:
             raise EngineStartError(explain_start_failure(e, kw)) from e
         self.start_seconds = time.perf_counter() - t0
+        self._start_watch()
         return self
+
+    def _start_watch(self) -> None:
+        """Watch the engine core and worker processes (multi-process engines only): a death
+        then fails the calls waiting on them within a second instead of never."""
+        from genbackends_vllm.liveness import EngineWatch, WatchedProcess
+
+        cores = compat.engine_core_processes(self.llm)
+        if not cores:
+            return  # engine core in this process: nothing of ours can die apart from us
+        procs = [WatchedProcess(f"engine core process {name}", pid, code) for name, pid, code in cores]
+        procs += [WatchedProcess(f"engine worker process {rank}", pid) for rank, pid in enumerate(self.run_on_workers(_worker_pid))]
+        self._watch = EngineWatch(procs, self._on_death).start()
+
+    def _on_death(self, reason: str) -> None:
+        # From the watchdog thread: remember, then wake whoever waits on the engine.
+        self.dead_reason = self.dead_reason or reason
+        llm = self.llm
+        if llm is not None:
+            compat.fail_engine_waits(llm, BackendStateError(dead_message(self.dead_reason)))
+
+    def check_alive(self, note: str = "") -> None:
+        """Raise :class:`BackendStateError` at once if a process of this engine has died (or
+        vLLM says its engine core is dead); ``note`` says what the failed call did not do."""
+        if self.dead_reason is None and self._watch is not None:
+            self._watch.check()
+        if self.dead_reason is None and self.llm is not None and compat.engine_reported_dead(self.llm):
+            self.dead_reason = self._name_the_dead("vLLM reports its engine core dead")
+        if self.dead_reason is not None:
+            raise BackendStateError(dead_message(self.dead_reason, note))
+
+    def _name_the_dead(self, fallback: str, wait_s: float = 3.0) -> str:
+        # vLLM learns of a death (EngineDeadError) a moment before the process is gone: give the
+        # watch that moment, so the message names the process.
+        deadline = time.monotonic() + (wait_s if self._watch is not None else 0.0)
+        while True:
+            if self._watch is not None and self._watch.check() is not None:
+                return self._watch.reason
+            if time.monotonic() >= deadline:
+                return fallback
+            time.sleep(0.1)
+
+    @contextlib.contextmanager
+    def _guard(self, what: str, *, clean_up: bool = False) -> Iterator[None]:
+        """Around every call that waits on the engine: a death seen during ``what`` becomes
+        :class:`BackendStateError` (and the engine stays dead); with ``clean_up``, any other
+        failure or interruption (KeyboardInterrupt, an alarm) first aborts the requests it left
+        in the engine and drops the prefix cache, so the next call starts from a clean engine."""
+        try:
+            yield
+        except BaseException as e:
+            if self.dead_reason is None and self.llm is not None:
+                from vllm.v1.engine.exceptions import EngineDeadError
+
+                if isinstance(e, EngineDeadError) or compat.engine_reported_dead(self.llm):
+                    self.dead_reason = self._name_the_dead(f"vLLM reports its engine core dead during {what}")
+                elif self._watch is not None:
+                    self._watch.check()
+            if self.dead_reason is not None:
+                raise BackendStateError(dead_message(self.dead_reason, f"{what} did not finish")) from e
+            if clean_up:
+                self._clean_up_after(what, e)
+            raise
+
+    def _clean_up_after(self, what: str, err: BaseException) -> None:
+        llm = self.llm
+        if llm is None:
+            return
+        try:
+            n = compat.abort_all_requests(llm)
+            # Blocks allocated for an interrupted step are registered in the prefix cache before
+            # their KV is written: drop them, or a later prompt with the same prefix reads garbage.
+            compat.reset_prefix_cache(llm)
+        except BackendStateError:
+            raise
+        except Exception as clean_err:
+            self.dead_reason = f"cleaning up after an interrupted {what} failed ({type(clean_err).__name__}: {clean_err})"
+            raise BackendStateError(dead_message(self.dead_reason)) from err
+        compat.logger.warning("%s interrupted (%s): aborted %d unfinished request(s), prefix cache reset", what, type(err).__name__, n)
 
     def shutdown(self) -> None:
         """Stop the engine core and workers."""
         llm, self.llm = self.llm, None
+        if self._watch is not None:
+            self._watch.stop()  # the exits that follow are no deaths
         if llm is None:
             return
-        if self._group is not None:
+        if self._group is not None and self.dead_reason is None:
             try:
                 llm.collective_rpc("genbackends_sync_close")
             except Exception:
                 pass
-            self._group = None
+        self._group = None
         try:
             engine = llm.llm_engine
             core = getattr(engine, "engine_core", None)
@@ -124,9 +218,10 @@ class LocalEngine:
 
             gc.collect()
 
-    def _need(self) -> Any:
+    def _need(self, note: str = "") -> Any:
         if self.llm is None:
             raise BackendStateError("vLLM engine is shut down")
+        self.check_alive(note)
         return self.llm
 
     # ---- generation --------------------------------------------------------------------
@@ -137,17 +232,24 @@ class LocalEngine:
         """``LLM.generate`` on token-id prompts; outputs in prompt order."""
         prompts = [{"prompt_token_ids": list(t)} for t in token_ids]
         with self.lock:
-            return list(self._need().generate(prompts, list(params), use_tqdm=use_tqdm))
+            llm = self._need("nothing was generated")
+            with self._guard("generate", clean_up=True):
+                return list(llm.generate(prompts, list(params), use_tqdm=use_tqdm))
 
     def beam_search(self, token_ids: Sequence[Sequence[int]], params: Any) -> list[Any]:
         """``LLM.beam_search`` (beam width = ``params.beam_width``)."""
         prompts = [{"prompt_token_ids": list(t)} for t in token_ids]
         with self.lock:
-            return list(self._need().beam_search(prompts, params))
+            llm = self._need("nothing was generated")
+            with self._guard("beam search", clean_up=True):
+                return list(llm.beam_search(prompts, params))
 
     # ---- workers -----------------------------------------------------------------------
     def collective_rpc(self, method: Any, args: tuple = (), kwargs: dict | None = None) -> list[Any]:
-        return self._need().collective_rpc(method, args=args, kwargs=kwargs or {})
+        llm = self._need("nothing was sent")
+        name = method if isinstance(method, str) else getattr(method, "__name__", "a worker call")
+        with self._guard(f"worker call {name}"):
+            return llm.collective_rpc(method, args=args, kwargs=kwargs or {})
 
     def run_on_workers(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
         """``fn(model, tp_rank, *args, **kwargs)`` next to each worker's model, rank order.
@@ -196,17 +298,20 @@ class LocalEngine:
     def _send_over_group(self, pairs: list[tuple[str, Any]]) -> None:
         from genbackends_vllm.transport import SyncGroup, free_port, meta_of, to_wire
 
+        self.check_alive("nothing was sent")
+        alive = self.check_alive  # every wait below also watches the engine's processes
         if self._group is None:
             world = 1 + self.kwargs.get("tensor_parallel_size", 1) * self.kwargs.get("pipeline_parallel_size", 1)
             port = self.sync_port or free_port()
             joined = start_in_background(lambda: self.collective_rpc("genbackends_sync_open", args=("127.0.0.1", port, world)))
-            self._group = SyncGroup("127.0.0.1", port, 0, world)
-            joined()
+            made = start_in_background(lambda: SyncGroup("127.0.0.1", port, 0, world))
+            self._group = made(check=alive)
+            joined(check=alive)
         meta = meta_of(pairs)
         done = start_in_background(lambda: self.collective_rpc("genbackends_sync_bucket", args=(meta,)))
         for _, t in pairs:
-            self._group.broadcast(to_wire(t))
-        done()
+            self._group.broadcast(to_wire(t), check=alive)
+        done(check=alive)
 
     def reset_prefix_cache(self) -> None:
         """Drop cached KV blocks computed with the old weights (see :func:`compat.reset_prefix_cache`)."""

@@ -9,8 +9,10 @@ in-process path hands tensors over directly.
 from __future__ import annotations
 
 import datetime
+import os
 import socket
-from typing import Any
+import time
+from typing import Any, Callable
 
 import torch
 
@@ -28,28 +30,60 @@ def dtype_from_str(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+def sync_timeout_s() -> float:
+    """Bound of every wait of the sync group (rendezvous and each broadcast), in seconds:
+    ``GENBACKENDS_SYNC_TIMEOUT_S`` (read by the backend and by vLLM's workers alike), default 60.
+    The backend side also polls the engine's processes while it waits, so a dead worker ends its
+    wait in about a second; this bound is what a worker waits for a sender that died."""
+    raw = os.environ.get("GENBACKENDS_SYNC_TIMEOUT_S", "60")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"GENBACKENDS_SYNC_TIMEOUT_S must be a number of seconds, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"GENBACKENDS_SYNC_TIMEOUT_S must be > 0, got {raw!r}")
+    return value
+
+
 class SyncGroup:
     """A gloo group of ``world_size`` ranks; rank 0 is the sender."""
 
-    def __init__(self, host: str, port: int, rank: int, world_size: int, timeout_s: float = 300.0):
+    def __init__(self, host: str, port: int, rank: int, world_size: int, timeout_s: float | None = None):
         from torch.distributed import PrefixStore, TCPStore
 
+        timeout_s = sync_timeout_s() if timeout_s is None else timeout_s
         timeout = datetime.timedelta(seconds=timeout_s)
         self.rank, self.world_size = rank, world_size
         self.store = TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout, wait_for_workers=False)
         self.pg = torch.distributed.ProcessGroupGloo(PrefixStore("genbackends_sync", self.store), rank, world_size, timeout)
 
-    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Broadcast ``tensor`` from rank 0 in place (contiguous CPU tensors)."""
+    def broadcast(self, tensor: torch.Tensor, check: Callable[[], Any] | None = None) -> torch.Tensor:
+        """Broadcast ``tensor`` from rank 0 in place (contiguous CPU tensors). ``check`` (may
+        raise) is polled while the broadcast waits for its peers."""
         opts = torch.distributed.BroadcastOptions()
         opts.rootRank = 0
         opts.rootTensor = 0
-        self.pg.broadcast([tensor], opts).wait()
+        work = self.pg.broadcast([tensor], opts)
+        if check is not None:
+            _poll(work, check)
+        work.wait()
         return tensor
 
     def close(self) -> None:
         self.pg = None
         self.store = None
+
+
+def _poll(work: Any, check: Callable[[], Any]) -> None:
+    # Spin briefly (most broadcasts finish in microseconds), then back off to 50 ms.
+    delay = 0.0
+    last_check = time.monotonic()
+    while not work.is_completed():
+        if time.monotonic() - last_check >= 0.2:
+            check()
+            last_check = time.monotonic()
+        time.sleep(delay)
+        delay = min(0.05, delay * 2 or 1e-4)
 
 
 def to_wire(t: torch.Tensor) -> torch.Tensor:
