@@ -318,6 +318,10 @@ class Registry:
             elif excluded:
                 ep, dist, why = excluded[0]
                 hint = f"; plugin {ep!r} ({dist}) is installed but {why}"
+            elif self._excluded:  # not probed: the allow-list named plugins, not this backend
+                kept_out = "; ".join(f"{ep} ({d}) {why}" for ep, (d, why, _) in sorted(self._excluded.items()))
+                hint = (f"; installed but not loaded: {kept_out}; an allow-list entry may be {name!r} itself "
+                        "(a backend name), a plugin or a distribution name")
             elif self.broken_plugins():
                 hint = "; broken plugins: " + ", ".join(f"{p.name} ({p.error})" for p in self.broken_plugins())
             raise PluginError(f"unknown backend {name!r}; available backends: {available}{hint}") from None
