@@ -70,7 +70,7 @@ class GenerationSide:
         if self.cfg.sync_path != "auto":
             return self.cfg.sync_path
         ok = self.backend is not None and getattr(self.backend, "supports_direct_writes", lambda: False)()
-        flag = torch.tensor([1 if ok else 0])
+        flag = torch.tensor([1 if ok else 0], device=collective_device())
         if dist.is_initialized():
             dist.broadcast(flag, src=0)  # every rank must take the same path (the sync is collective)
         return "direct" if int(flag) else "universal"
@@ -120,6 +120,14 @@ class GenerationSide:
             self.backend = None
 
 
+def collective_device() -> torch.device:
+    """Where tensors for the default group's collectives must live: the current GPU for NCCL
+    (it has no CPU path: "No backend type associated with device type cpu"), else the CPU."""
+    if dist.is_initialized() and "nccl" in str(dist.get_backend()).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def share_sequences(records: list[Any] | None) -> list[tuple[list[int], list[int], list[float]]]:
     """Broadcast (prompt ids, response ids, engine logprobs) of every record from rank 0 to every
     trainer rank (the trainer's forward pass is collective under TP)."""
@@ -127,7 +135,8 @@ def share_sequences(records: list[Any] | None) -> list[tuple[list[int], list[int
     if records is not None:
         payload = [[(list(r.prompt_token_ids), list(r.token_ids), list(r.logprobs)) for r in records]]
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(payload, src=0)
+        # Objects travel as byte tensors: on the device the group's backend needs.
+        dist.broadcast_object_list(payload, src=0, device=collective_device())
     return payload[0]
 
 
