@@ -160,6 +160,11 @@ def _sync_direct(backend: Any, source: Any, timer: PhaseTimer, *, collective: bo
                 return source.write_direct(backend, collective=True, refusal=refusal) or {}
             return source.write_direct(backend) or {}
 
+    if refusal is not None:
+        # Refused (asleep weights, not ready, impossible path): the source agrees on it with every
+        # trainer rank and raises before any byte moves; no snapshot of weights that may be asleep.
+        write()
+        raise refusal
     # atomic like the HF-named path: what the source's HF names touch is snapshotted and restored
     # if write_direct raises (genbackends_vllm.atomic.run_restorable)
     details, snap_details = run_restorable(backend, _hf_names(source), timer, write)
