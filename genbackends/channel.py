@@ -14,10 +14,15 @@ One sync, collective over the channel::
     channel.send(source)                       report = channel.receive(backend)
 
 1. The sender posts the source's manifest in the store.
-2. Each receiver's ``backend.sync_weights`` validates it against the engine (names, shapes,
-   dtypes) and acknowledges; a refusal is posted instead. The sender waits for every answer: if
-   any receiver refused, no byte is sent, every receiver raises, and so does the sender, naming
-   the receiver and its reason. No engine is written.
+2. Each receiver's ``backend.sync_weights`` validates it against the engine (names and shapes
+   against the engine's expected HF weights, floating-point dtypes: a dtype that differs from
+   the engine's is converted on load, not refused) and acknowledges when it first asks for
+   tensors; a refusal is posted instead. The sender waits for every answer: if any receiver
+   refused, no byte is sent, every receiver raises, and so does the sender, naming the receiver
+   and its reason. No engine is written. This handshake covers refusals *before* the first
+   tensor only: a receiver that fails after acknowledging (while tensors stream, e.g. a
+   non-finite bucket or a load error) is not announced to the others; they learn of it only when
+   the group's collectives fail or time out.
 3. Per bucket, the sender posts the bucket's names/shapes/dtypes, then broadcasts its tensors;
    receivers hand them to the engine's loader bucket by bucket (the extra memory is one bucket).
 """

@@ -78,8 +78,10 @@ def genbackends_on_after_generate(
 
 @hookspec
 def genbackends_on_after_sync(backend: "GenerationBackend", report: "SyncReport") -> None:
-    """Called after ``sync_weights()`` finished with the sync's report (bytes, phase times,
-    parity figures)."""
+    """Called after a ``sync_weights()`` that returned (a rejected sync raises and fires nothing),
+    with its report: path, transport, tensor count, bytes, seconds and phase times.
+    ``report.parity`` is still ``None`` here: a caller that verifies (the Megatron adapter's
+    ``source.sync(backend, probes=...)``) fills it in after ``sync_weights`` has returned."""
 
 
 @hookspec
