@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from genbackends.errors import GenBackendsError
+from genbackends.errors import ConfigError, GenBackendsError
 
 PROG = "genbackends"
 
@@ -211,6 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
+    args = None
     try:
         from genbackends.registry import get_registry
 
@@ -226,7 +227,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GenBackendsError as e:
         if debug:
             raise
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        text = _one_line(e)
+        config = getattr(args, "config", None)
+        if config and text.startswith("options.") and isinstance(e, ConfigError):
+            # a backend's own check of its options block (at creation or setup): name the file
+            text = f"invalid config {config}: {text}"
+        print(f"{PROG}: error: {text}", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - unexpected: still one line unless --debug
         if debug:

@@ -135,13 +135,21 @@ def test_hf_beam_ids_arguments_bad_sync_and_lifecycle(tmp_path, tiny_llama):
         backend.setup()
 
 
-def test_vllm_beam_ids_model_file_and_lifecycle(tiny_llama):
+def test_vllm_beam_ids_model_file_and_lifecycle(tiny_llama, tmp_path, capsys):
+    from genbackends.cli import main
     from genbackends_vllm.backend import VLLMBackend
 
     with pytest.raises(ConfigError) as ei:
         VLLMBackend(_beam_config("vllm", tiny_llama / "config.json")).setup()
     msg = _one_line(ei)
     assert repr(str(tiny_llama / "config.json")) in msg and "is a file" in msg and "validation error" not in msg
+
+    # an options.* error found by the backend's setup (not by its options model) names the file too
+    cfg = tmp_path / "colocated.yaml"
+    cfg.write_text(f"backend: vllm\nmodel: {tiny_llama}\nseq_length: 128\nparallel: {{executor: external_launcher}}\n"
+                   "options: {vllm: {in_process: false}}\n")
+    assert main(["generate", str(cfg), "--prompt", "hi", "-q"]) == 1
+    assert f"genbackends: error: invalid config {cfg}: options.vllm.in_process: " in capsys.readouterr().err
 
     backend = VLLMBackend(_beam_config("vllm", tiny_llama))
     backend.setup()
