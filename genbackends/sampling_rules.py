@@ -88,7 +88,10 @@ def with_sampling(config: "GenConfig", sampling: Any) -> "GenConfig":
     # exclude_unset keeps which fields a user set (backends log knobs they ignore by that)
     whole = {**config.model_dump(exclude_unset=True), "sampling": data}
     try:
-        return type(config).model_validate(whole)
+        new = type(config).model_validate(whole)
     except ValidationError as e:
         msg = format_validation_error(e)
         raise ConfigError("invalid sampling: " + msg.removeprefix("invalid config: ")) from None
+    if config.__pydantic_private__:  # e.g. the file the config came from, for later messages
+        new.__pydantic_private__ = dict(config.__pydantic_private__)
+    return new

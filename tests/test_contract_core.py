@@ -220,6 +220,9 @@ def test_sampling_per_call_validated_like_the_config(sites):
             b.generate(["a"], sampling=SamplingConfig().model_copy(update={"top_p": 7.0}))
         with pytest.raises(ConfigError, match="sampling must be a dict or a SamplingConfig, got 0.5"):
             b.generate(["a"], sampling=0.5)
+    # building the model in Python is the same one line, not pydantic's dump
+    with pytest.raises(ConfigError, match=r"^invalid config: sampling\.top_p: Input should be less than or equal to 1 \(got 7\)$"):
+        SamplingConfig(top_p=7)
 
 
 def test_hf_sampling_per_call_matches_transformers_greedy(tiny_llama):
