@@ -124,7 +124,8 @@ class StreamChecker:
                 raise SyncRefused(f"the source produced {name!r}{where} as a {type(t).__name__}, not a torch.Tensor")
             if _shape(t) != tuple(spec.shape):
                 raise SyncRefused(
-                    f"the source produced {name!r}{where} with shape {_shape(t)}, but its manifest announced {tuple(spec.shape)}"
+                    f"the source produced {name!r}{where} with shape {_shape(t)}, which its manifest did not announce "
+                    f"(it announced {tuple(spec.shape)})"
                 )
             if t.dtype != spec.dtype:
                 raise SyncRefused(

@@ -11,6 +11,9 @@ Writes ``DIR/vllm_backend_gpu.json`` after every section (a crash keeps what was
 * ``weight_paths``: each sync path timed (in-process ``load_weights``, in-process
   ``reload_weights``, safetensors folder, and with ``--mp-paths`` worker processes over our own
   group and through RPC bytes);
+* ``atomic_sync``: the atomic sync (snapshot + manifest/finite checks, the default) against the
+  plain sync (``sync_atomic``/``check_finite`` off) of the same tensors: ``atomic_sync_ms``,
+  ``plain_sync_ms``, ``finite_check_ms``, ``snapshot_bytes``, a rolled-back sync and the KV scrub;
 * ``sleep``: level-1 sleep/wake (time, freed bytes, logprobs identical after waking) and the
   level-2 RL cycle ``sleep(2) -> wake_up(["weights"]) -> sync_weights -> wake_up(["kv_cache"])``
   with per-step times and prompt-logprob agreement with the state before sleeping;
@@ -260,6 +263,90 @@ def main(argv: list[str] | None = None) -> int:
         return out
 
     res.section("weight_paths", weight_paths)
+
+    def atomic_sync() -> dict[str, Any]:
+        """Issue 14: the atomic sync (snapshot of the touched modules + manifest and finite checks
+        per bucket) against the plain sync (options off) of the same HF-named tensors, the finite
+        check alone, a rolled-back sync (source raising at its last tensor) and the KV scrub."""
+        from genbackends.sync_safety import nonfinite_problem
+        from genbackends.weights import bucketize
+
+        opts = b.options
+        saved = (opts.sync_atomic, opts.check_finite, opts.kv_scrub, opts.sync_transport)
+        out: dict[str, Any] = {"bytes": sum(t.numel() * t.element_size() for t in weights.values()),
+                               "bucket_bytes": opts.bucket_bytes}
+        try:
+            opts.sync_transport = "auto"
+            runs: dict[str, list[Any]] = {"plain": [], "atomic": []}
+            for i in range(2 * args.repeats):  # alternate plain/atomic so drift hits both
+                mode = ("plain", "atomic")[i % 2] if (i // 2) % 2 == 0 else ("atomic", "plain")[i % 2]
+                opts.sync_atomic = opts.check_finite = mode == "atomic"
+                opts.kv_scrub = "auto" if mode == "atomic" else "never"
+                sync_clock(device)
+                t0 = time.perf_counter()
+                rep = b.sync_weights(weights_b if i % 2 == 0 else weights)
+                sync_clock(device)
+                runs[mode].append((time.perf_counter() - t0, rep))
+            for mode, rs in runs.items():
+                best = min(rs, key=lambda r: r[0])
+                out[f"{mode}_sync_ms"] = 1e3 * best[0]
+                out[f"{mode}_sync_ms_all"] = [1e3 * r[0] for r in rs]
+                out[f"{mode}_phases_ms"] = {k: 1e3 * v for k, v in best[1].phases.items()}
+                out[f"{mode}_transport"] = best[1].transport
+            det = min(runs["atomic"], key=lambda r: r[0])[1].details
+            out["snapshot_bytes"] = det.get("snapshot_bytes")
+            out["snapshot_bytes_host"] = det.get("snapshot_bytes_host")
+            out["snapshot_ms"] = out["atomic_phases_ms"].get("snapshot")
+            out["atomic_over_plain"] = out["atomic_sync_ms"] / out["plain_sync_ms"]
+            fin = []
+            tensors = list(weights.items())
+            for _ in range(args.repeats):  # the finite check alone, bucket by bucket as the sync does it
+                sync_clock(device)
+                t0 = time.perf_counter()
+                for bucket in bucketize(iter(tensors), opts.bucket_bytes):
+                    assert nonfinite_problem(bucket) is None
+                fin.append(time.perf_counter() - t0)
+            out["finite_check_ms"] = 1e3 * min(fin)
+            out["finite_check_GBps"] = out["bytes"] / min(fin) / 1e9
+            # rollback: every tensor but the last is written, then the source fails
+            opts.sync_atomic = opts.check_finite = True
+            opts.kv_scrub = "auto"
+            b.sync_weights(weights)
+            lp_before = probe_logprobs(b)
+
+            class Failing:
+                def manifest(self) -> dict[str, Any]:
+                    from genbackends.weights import TensorSpec
+
+                    return {n: TensorSpec(tuple(t.shape), t.dtype) for n, t in weights_b.items()}
+
+                def iter_buckets(self, bucket_bytes: Any = None) -> Any:
+                    def gen() -> Any:
+                        items = list(weights_b.items())
+                        yield from items[:-1]
+                        raise RuntimeError("benchmark: the source fails at its last tensor")
+
+                    yield from bucketize(gen(), bucket_bytes)
+
+            sync_clock(device)
+            t0 = time.perf_counter()
+            try:
+                b.sync_weights(Failing())
+                out["rollback"] = {"error": "the failing sync was accepted"}
+            except Exception as e:  # noqa: BLE001 - expected
+                sync_clock(device)
+                out["rollback"] = {"seconds": time.perf_counter() - t0, "message": str(e)[:300]}
+            out["rollback"]["logprobs_identical_after_rollback"] = max_diff(lp_before, probe_logprobs(b)) == 0.0
+            t0 = time.perf_counter()
+            scrubbed = b.replicas[0].scrub_kv_cache()
+            sync_clock(device)
+            out["scrub_kv_ms"] = 1e3 * (time.perf_counter() - t0)
+            out["scrub_kv_bytes"] = scrubbed
+        finally:
+            opts.sync_atomic, opts.check_finite, opts.kv_scrub, opts.sync_transport = saved
+        return out
+
+    res.section("atomic_sync", atomic_sync)
 
     def sleep_cycle() -> dict[str, Any]:
         out: dict[str, Any] = {"sleep_is_noop_here": compat.sleep_is_noop()}

@@ -147,9 +147,12 @@ def abort_layerwise_reload(model: torch.nn.Module) -> int:
         from vllm.model_executor.model_loader.reload import layerwise as lw
     except Exception:  # noqa: BLE001 - older vLLM: nothing of this kind to undo
         return 0
+    table = getattr(lw, "LAYERWISE_INFO", None)
+    if table is None:  # another release's reload: nothing we know how to undo
+        return 0
     n = 0
     for layer in model.modules():
-        info = lw.LAYERWISE_INFO.get(layer)
+        info = table.get(layer)
         if info is None or not info.can_load():
             continue
         if info.kernel_tensors is not None:
