@@ -270,30 +270,39 @@ class HFRolloutEngine(RolloutEngine):
 
     # ---- sampling and finishing ----------------------------------------------------------
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
+        """One token per row; rows sharing sampling knobs (and no seed) are sampled together, so
+        a step costs a handful of device ops and one host transfer, not one per row."""
         logp = torch.log_softmax(logits, dim=-1)  # raw logprobs, before temperature/top-k/top-p
-        out = []
+        toks = logits.argmax(-1)  # greedy rows keep this
+        groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):
             sp = r.adm.sampling
-            if sp.temperature == 0:
-                tok = int(torch.argmax(logits[i]))
+            if sp.temperature != 0:
+                key = (sp.temperature, sp.top_k, sp.top_p, i if r.generator is not None else -1)
+                groups.setdefault(key, []).append(i)
+        for (temp, top_k, top_p, seeded), idx in groups.items():
+            z = logits[idx] / temp
+            if 0 < top_k < z.shape[-1]:
+                kth = torch.topk(z, top_k, dim=-1).values[:, -1:]
+                z = z.masked_fill(z < kth, float("-inf"))
+            if top_p < 1.0:
+                sz, si = torch.sort(z, descending=True, dim=-1)
+                p = torch.softmax(sz, -1)
+                cut = (p.cumsum(-1) - p) > top_p  # keep the smallest prefix reaching top_p
+                z = z.scatter(-1, si, sz.masked_fill(cut, float("-inf")))
+            probs = torch.softmax(z, -1)
+            if seeded >= 0:  # per-request seed: its own CPU generator, reproducible anywhere
+                pick = torch.multinomial(probs.cpu(), 1, generator=rows[seeded].generator).to(toks.device)
             else:
-                z = logits[i] / sp.temperature
-                if sp.top_k > 0 and sp.top_k < z.numel():
-                    kth = torch.topk(z, sp.top_k).values[-1]
-                    z = z.masked_fill(z < kth, float("-inf"))
-                if sp.top_p < 1.0:
-                    sz, si = torch.sort(z, descending=True)
-                    cum = torch.softmax(sz, -1).cumsum(-1)
-                    cut = cum - torch.softmax(sz, -1) > sp.top_p  # keep the smallest set reaching top_p
-                    z = z.scatter(0, si, sz.masked_fill(cut, float("-inf")))
-                probs = torch.softmax(z, -1)
-                tok = int(torch.multinomial(probs.cpu(), 1, generator=r.generator))
+                pick = torch.multinomial(probs, 1)
+            toks[idx] = pick.squeeze(-1)
+        lps = logp.gather(-1, toks.unsqueeze(-1)).squeeze(-1).tolist()
+        for r, tok, lp in zip(rows, toks.tolist(), lps):
             if not r.spans or r.spans[-1][1] != self.weight_version:
                 r.spans.append((len(r.tokens), self.weight_version))
             r.tokens.append(tok)
-            r.logprobs.append(float(logp[i, tok]))
-            out.append(tok)
-        return torch.tensor(out, dtype=torch.long, device=logits.device)
+            r.logprobs.append(lp)
+        return toks
 
     def _finished(self, r: _Row) -> bool:
         sp = r.adm.sampling
