@@ -7,10 +7,14 @@ Paths (``SyncReport.path`` / ``transport``):
   the engine parameters through ``run_on_workers`` (GPUs; on the CPU only for sources that
   declare ``handles_repacked_cpu_weights``, i.e. re-pack what they write; others take the
   HF-named path below);
-* ``hf`` with transport ``direct_load`` (GPUs) or ``inprocess`` (CPU): HF-named tensors handed
-  over in the same process (engine core in-process, or colocated ranks), no serialization:
-  ``model.load_weights`` straight into the live parameters where a second load is allowed, else
-  ``reload_weights`` (restores the kernel layout, loads, repacks);
+* ``hf`` with transport ``layout_writer`` (GPUs, engine in this process): HF-named tensors copied
+  straight into the live parameters by the operations the published layout gives for their
+  names (:mod:`genbackends_vllm.hf_writer`; one ``_foreach_copy_``, no ``load_weights``); tensors
+  that already exist go in one bucket and need no snapshot (checked whole before the first write);
+* ``hf`` with transport ``inprocess`` (CPU): HF-named tensors handed over in the same process
+  (engine core in-process, or colocated ranks), no serialization, through ``reload_weights``
+  (restores the kernel layout, loads, repacks); ``options.vllm.sync_transport: rpc`` forces this
+  on GPUs too;
 * ``hf`` / ``group``: worker processes receive the tensors over our own gloo group
   (:mod:`genbackends_vllm.transport`) and ``reload_weights`` them;
 * ``hf`` / ``rpc``: tensors serialized through ``collective_rpc`` (simple, slower);
@@ -31,11 +35,19 @@ from typing import Any
 import torch
 
 from genbackends.errors import GenBackendsError, WeightSyncError
-from genbackends.weights import DirectWeightSource, PhaseTimer, SyncReport, as_weight_source, validate_manifest
+from genbackends.weights import (
+    DirectWeightSource,
+    PhaseTimer,
+    SyncReport,
+    TensorListSource,
+    as_weight_source,
+    validate_manifest,
+)
 
 from genbackends.sync_safety import refuse_non_float
 from genbackends_vllm.atomic import engine_snapshot, invalidate_caches, run_restorable, stream_checked
 from genbackends_vllm.hf_layout import check_fused_groups, fused_buckets
+from genbackends_vllm.hf_writer import can_write_hf, hf_writer
 
 
 def _transport_for(backend: Any, replica: Any) -> str:
@@ -104,7 +116,17 @@ def sync_into(backend: Any, source: Any, path: str = "auto", *, collective: bool
     # Atomic (options.vllm.sync_atomic): the touched modules are snapshotted on every worker and
     # restored if anything below raises; every bucket is checked before it is written
     # (genbackends_vllm.atomic, docs/reliability.md).
-    with engine_snapshot(backend, list(manifest), timer, enabled=opt.sync_atomic) as snap:
+    # In-process engines with plain-tensor parameters (GPUs): HF tensors go through the published
+    # layout as plain copies instead of vLLM's load_weights (genbackends_vllm.hf_writer).
+    fast = folder is None and can_write_hf(backend, transports)
+    # Tensors that already exist are checked whole before the first write, and the copies of a
+    # checked plan cannot fail halfway: no snapshot needed for them (the atomicity holds by
+    # validation). Sources that produce tensors lazily keep the snapshot.
+    prevalidated = fast and isinstance(ws, TensorListSource)
+    bucket_bytes = None if prevalidated else opt.bucket_bytes
+    with engine_snapshot(backend, list(manifest), timer, enabled=opt.sync_atomic and not prevalidated) as snap:
+        if prevalidated:
+            snap.details["atomic"] = "prevalidated"
         if folder is not None and opt.sync_transport == "auto" and all(t != "ray" for t in transports):
             # Every worker reads the files itself: no tensor crosses a process boundary. The finite
             # check reads them here first (the page cache serves the workers' second read).
@@ -117,8 +139,13 @@ def sync_into(backend: Any, source: Any, path: str = "auto", *, collective: bool
                 for r in backend.replicas:
                     r.reload_from_path(str(Path(folder).resolve()))
         else:
-            buckets = stream_checked(ws.iter_buckets(opt.bucket_bytes), manifest, opt.bucket_bytes, timer, check_finite=opt.check_finite)
+            buckets = stream_checked(ws.iter_buckets(bucket_bytes), manifest, bucket_bytes, timer, check_finite=opt.check_finite)
             for bucket in buckets:
+                if fast:
+                    with timer.phase("write"):
+                        snap.loaded += 1
+                        hf_writer(backend).write(bucket)
+                    continue
                 with timer.phase("load"):
                     snap.loaded += 1
                     shared = _put_once(bucket) if "ray" in transports else None
@@ -127,7 +154,7 @@ def sync_into(backend: Any, source: Any, path: str = "auto", *, collective: bool
     invalidate_caches(backend, timer, accepted=True, checked=opt.check_finite)
     return SyncReport(
         path=path,
-        transport="+".join(sorted(set(transports))),
+        transport="layout_writer" if fast else "+".join(sorted(set(transports))),
         num_tensors=len(manifest),
         bytes_moved=nbytes * len(backend.replicas),
         seconds=timer.total,
