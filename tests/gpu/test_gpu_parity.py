@@ -63,4 +63,5 @@ def test_rejected_sync_leaves_outputs_unchanged(backend, ids, tiny_llama_alt):
     bad[name] = torch.zeros(bad[name].shape[0], bad[name].shape[1] + 3, dtype=torch.bfloat16, device="cuda")
     with pytest.raises(WeightSyncError, match="down_proj"):
         backend.sync_weights(bad)
-    assert engine_prompt_logprobs(backend, ids) == before  # nothing was written (layer 0 included)
+    # nothing was written (layer 0 included): a partial write of the alt weights moves these by nats
+    assert diffs(engine_prompt_logprobs(backend, ids), before)[0] < 1e-4
