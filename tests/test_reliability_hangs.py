@@ -135,3 +135,68 @@ def test_sync_after_killed_worker_fails_fast_and_sends_nothing(tp2_backend, tiny
     msg = str(err.value)
     assert f"engine worker process 1 (pid {worker.pid})" in msg and "nothing was sent" in msg, msg
     _assert_dead_afterwards(b, "a killed worker")
+
+
+@pytest.mark.timeout(60)
+def test_sync_group_waits_are_bounded_and_say_why(monkeypatch):
+    """No engine: the weight-sync group's rendezvous and broadcasts end within
+    GENBACKENDS_SYNC_TIMEOUT_S with a message naming the missing peer and the knob, and the
+    sender's liveness check ends its wait at once."""
+    import torch
+
+    from genbackends.background import start_in_background
+    from genbackends_vllm.transport import SyncGroup, free_port
+
+    monkeypatch.setenv("GENBACKENDS_SYNC_TIMEOUT_S", "2")
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"rendezvous .*\(rank 0 of 2\) failed within 2 s .*GENBACKENDS_SYNC_TIMEOUT_S"):
+        SyncGroup("127.0.0.1", free_port(), 0, 2)
+    assert time.monotonic() - t0 < 10
+
+    def pair() -> tuple[SyncGroup, SyncGroup]:
+        port = free_port()
+        joined = start_in_background(lambda: SyncGroup("127.0.0.1", port, 1, 2))
+        return SyncGroup("127.0.0.1", port, 0, 2), joined()
+
+    sender, receiver = pair()
+    got = start_in_background(lambda: receiver.broadcast(torch.zeros(5)))
+    sender.broadcast(torch.arange(5.0), check=lambda: None)
+    assert got().tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]  # the real path still works
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"the sender \(rank 0, the backend process\) died or stalled past 2 s"):
+        receiver.broadcast(torch.zeros(3))  # nobody sends
+    assert time.monotonic() - t0 < 10
+
+    def dead() -> None:
+        raise BackendStateError("engine is dead: engine worker process 1 (pid 1) exited; create a new backend")
+
+    sender, _ = pair()  # a fresh group: the receiver above gave up and closed its connection
+    t0 = time.monotonic()
+    with pytest.raises(BackendStateError, match="engine worker process 1"):
+        sender.broadcast(torch.zeros(4), check=dead)  # nobody receives; the check ends the wait
+    assert time.monotonic() - t0 < 1.5
+
+
+@pytest.mark.timeout(60)
+def test_engine_watch_names_a_killed_process():
+    """The watchdog itself on a plain child process: death seen within a second, named with its
+    role, pid and signal, reported once."""
+    import subprocess
+    import sys
+
+    from genbackends_vllm.liveness import EngineWatch, WatchedProcess
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    seen: list[str] = []
+    try:
+        watch = EngineWatch([WatchedProcess("engine worker process 0", child.pid, child.poll)], seen.append, 0.1).start()
+        assert watch.check() is None
+        child.kill()
+        deadline = time.monotonic() + 5
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert seen == [f"engine worker process 0 (pid {child.pid}) was killed by signal 9"]
+        assert watch.check() == seen[0] and len(seen) == 1
+    finally:
+        child.kill()
+        child.wait()

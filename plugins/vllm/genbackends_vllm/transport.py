@@ -53,9 +53,16 @@ class SyncGroup:
 
         timeout_s = sync_timeout_s() if timeout_s is None else timeout_s
         timeout = datetime.timedelta(seconds=timeout_s)
-        self.rank, self.world_size = rank, world_size
-        self.store = TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout, wait_for_workers=False)
-        self.pg = torch.distributed.ProcessGroupGloo(PrefixStore("genbackends_sync", self.store), rank, world_size, timeout)
+        self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
+        try:
+            self.store = TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout, wait_for_workers=False)
+            self.pg = torch.distributed.ProcessGroupGloo(PrefixStore("genbackends_sync", self.store), rank, world_size, timeout)
+        except Exception as e:
+            raise RuntimeError(
+                f"weight-sync group rendezvous at {host}:{port} (rank {rank} of {world_size}) failed within "
+                f"{timeout_s:g} s ({_first_line(e)}): a peer died or never joined; the bound is "
+                "GENBACKENDS_SYNC_TIMEOUT_S"
+            ) from e
 
     def broadcast(self, tensor: torch.Tensor, check: Callable[[], Any] | None = None) -> torch.Tensor:
         """Broadcast ``tensor`` from rank 0 in place (contiguous CPU tensors). ``check`` (may
@@ -66,12 +73,23 @@ class SyncGroup:
         work = self.pg.broadcast([tensor], opts)
         if check is not None:
             _poll(work, check)
-        work.wait()
+        try:
+            work.wait()
+        except Exception as e:
+            peer = "a receiving engine worker" if self.rank == 0 else "the sender (rank 0, the backend process)"
+            raise RuntimeError(
+                f"weight-sync group: broadcast of a {tuple(tensor.shape)} tensor failed ({_first_line(e)}): "
+                f"{peer} died or stalled past {self.timeout_s:g} s (GENBACKENDS_SYNC_TIMEOUT_S)"
+            ) from e
         return tensor
 
     def close(self) -> None:
         self.pg = None
         self.store = None
+
+
+def _first_line(e: BaseException) -> str:
+    return (f"{type(e).__name__}: {e}".splitlines() or [""])[0][:300]
 
 
 def _poll(work: Any, check: Callable[[], Any]) -> None:
