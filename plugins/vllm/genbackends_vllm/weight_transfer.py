@@ -1,0 +1,239 @@
+"""vLLM's own weight-transfer engine as the transport to engine workers in other processes.
+
+vLLM (0.24 on the GPU image, 0.32 here) has a weight-update API the RL ecosystem is converging on:
+``LLM.init_weight_transfer_engine`` / ``start_weight_update`` / ``update_weights`` /
+``finish_weight_update``, with pluggable engines (``vllm/distributed/weight_transfer/``: ``nccl``
+and ``ipc`` in 0.24; 0.32 adds ``nccl_m2n``, ``sparse_nccl``, ``sharded_rdt``). Each engine owns
+the wire; vLLM owns the load (its layerwise reload: restore kernel layouts, ``load_weights``,
+re-process).
+
+On GPUs :class:`TransferEngineSender` drives vLLM's ``nccl`` engine. vLLM's engines all need CUDA,
+so on the CPU this module registers one more engine in vLLM's own factory,
+:class:`GlooWeightTransferEngine` (``backend: genbackends_gloo``): the same lifecycle as vLLM's
+NCCL engine (layerwise reload around the updates, ``load_weights`` per tensor) with a gloo
+broadcast as the wire. The engine must be registered in every worker process before the model
+loads: the worker extension imports this module (:func:`register`).
+
+Our own group (:mod:`genbackends_vllm.transport`) stays where the installed vLLM lacks the API;
+``benchmarks/gpu/transfer_engines.py`` measures both side by side.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+GLOO_BACKEND = "genbackends_gloo"
+
+
+def has_transfer_api() -> bool:
+    """Whether the installed vLLM has the weight-transfer engine API (``WeightTransferConfig``)."""
+    try:
+        from vllm.config import WeightTransferConfig  # noqa: F401
+        from vllm.distributed.weight_transfer import WeightTransferEngineFactory  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def register() -> bool:
+    """Register :class:`GlooWeightTransferEngine` in vLLM's factory (idempotent); False where the
+    installed vLLM has no weight-transfer API."""
+    if not has_transfer_api():
+        return False
+    from vllm.distributed.weight_transfer import WeightTransferEngineFactory
+
+    if GLOO_BACKEND not in WeightTransferEngineFactory._registry:
+        WeightTransferEngineFactory.register_engine(GLOO_BACKEND, _engine_class())
+    return True
+
+
+def backend_for(device: str) -> str:
+    """The transfer engine to use: vLLM's ``nccl`` for CUDA, ours (gloo) on the CPU."""
+    return "nccl" if device == "cuda" else GLOO_BACKEND
+
+
+@dataclass
+class GlooInitInfo:
+    """Rendezvous of the gloo group: the sender is rank 0, worker ``r`` is ``rank_offset + r``."""
+
+    master_address: str
+    master_port: int
+    rank_offset: int
+    world_size: int
+
+
+@dataclass
+class GlooUpdateInfo:
+    """One chunk: the tensors broadcast next, in order (vLLM's NCCL engine sends the same)."""
+
+    names: list[str]
+    dtype_names: list[str]
+    shapes: list[list[int]]
+
+
+def _engine_class() -> type:
+    from vllm.distributed.weight_transfer.base import WeightTransferEngine
+
+    class GlooWeightTransferEngine(WeightTransferEngine):
+        """vLLM's NCCL engine's lifecycle over a gloo broadcast (CPU workers)."""
+
+        init_info_cls = GlooInitInfo
+        update_info_cls = GlooUpdateInfo
+        supports_draft_weight_update = False
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.group: Any = None
+
+        def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
+            from genbackends_vllm.transport import SyncGroup
+            from vllm.distributed import parallel_state as ps
+
+            rank = init_info.rank_offset + int(ps.get_world_group().rank_in_group)
+            self.group = SyncGroup(init_info.master_address, int(init_info.master_port), rank, int(init_info.world_size))
+
+        def start_weight_update(self) -> None:
+            from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+            initialize_layerwise_reload(self.model)
+
+        def finish_weight_update(self) -> None:
+            from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+            from genbackends_vllm import compat
+
+            finalize_layerwise_reload(self.model, self.model_config)
+            compat.repack_vocab_gemms(self.model)  # a tied LM head on the CPU keeps a stale packed copy
+
+        def receive_weights(self, update_info: GlooUpdateInfo) -> None:
+            from genbackends_vllm.transport import from_wire
+
+            if self.group is None:
+                raise RuntimeError("gloo weight transfer not initialized: call init_weight_transfer_engine first")
+            for name, dtype_name, shape in zip(update_info.names, update_info.dtype_names, update_info.shapes):
+                wire, weight = from_wire(tuple(shape), getattr(torch, dtype_name))
+                self.group.broadcast(wire)
+                self.model.load_weights([(name, weight)])
+
+        def update_weights(self, update_info: dict[str, Any]) -> None:
+            # the base class ends with torch.accelerator.synchronize(), absent on CPU-only torch
+            self.receive_weights(self.parse_update_info(update_info))
+
+        def shutdown(self) -> None:
+            if self.group is not None:
+                self.group.close()
+                self.group = None
+
+    GlooWeightTransferEngine.__qualname__ = GlooWeightTransferEngine.__name__ = "GlooWeightTransferEngine"
+    return GlooWeightTransferEngine
+
+
+class TransferEngineSender:
+    """Host side for one ``vllm.LLM`` whose workers live in other processes: the rendezvous
+    (``init_weight_transfer_engine``) once, then per sync ``start_weight_update`` ->
+    ``update_weights`` per bucket (workers receive while this side broadcasts) ->
+    ``finish_weight_update``. CPU tensors travel over gloo (:class:`GlooWeightTransferEngine`)."""
+
+    def __init__(self, llm: Any, num_workers: int, host: str = "127.0.0.1", port: int | None = None):
+        from genbackends.background import start_in_background
+        from genbackends_vllm.transport import SyncGroup, free_port
+
+        self.llm = llm
+        port = port or free_port()
+        world = 1 + num_workers
+        info = {"master_address": host, "master_port": port, "rank_offset": 1, "world_size": world}
+        joined = start_in_background(lambda: llm.init_weight_transfer_engine({"init_info": info}))
+        self.group = SyncGroup(host, port, 0, world)
+        joined()
+
+    def send(self, buckets: Sequence[Sequence[tuple[str, torch.Tensor]]]) -> int:
+        """One weight update of HF-named tensors; returns bytes broadcast."""
+        from genbackends.background import start_in_background
+        from genbackends_vllm.transport import to_wire
+
+        sent = 0
+        self.llm.start_weight_update()
+        for bucket in buckets:
+            info = {"names": [n for n, _ in bucket], "dtype_names": [str(t.dtype).replace("torch.", "") for _, t in bucket],
+                    "shapes": [list(t.shape) for _, t in bucket]}
+            done = start_in_background(lambda info=info: self.llm.update_weights({"update_info": info}))
+            for _, t in bucket:
+                w = to_wire(t)
+                self.group.broadcast(w)
+                sent += w.numel() * w.element_size()
+            done()
+        self.llm.finish_weight_update()
+        return sent
+
+    def close(self) -> None:
+        try:
+            self.llm.shutdown_weight_transfer_engine()
+        except Exception:  # noqa: BLE001 - closing an engine that is going away anyway
+            pass
+        self.group.close()
+
+
+class NcclTransferSender(TransferEngineSender):
+    """GPU host side for vLLM's own ``nccl`` engine: the trainer end of its group is vLLM's
+    ``StatelessProcessGroup`` + ``PyNcclCommunicator`` (the pattern of vLLM's RLHF examples);
+    tensors are sent unpacked, one broadcast each. Not run on the CPU machine."""
+
+    def __init__(self, llm: Any, num_workers: int, host: str = "127.0.0.1", port: int | None = None):
+        from genbackends.background import start_in_background
+        from genbackends_vllm.transport import free_port
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
+
+        self.llm = llm
+        port = port or free_port()
+        world = 1 + num_workers
+        info = {"master_address": host, "master_port": port, "rank_offset": 1, "world_size": world}
+        joined = start_in_background(lambda: llm.init_weight_transfer_engine({"init_info": info}))
+        pg = StatelessProcessGroup.create(host=host, port=port, rank=0, world_size=world)
+        self.comm = PyNcclCommunicator(pg, device=torch.device("cuda", torch.cuda.current_device()))
+        joined()
+
+    def send(self, buckets: Sequence[Sequence[tuple[str, torch.Tensor]]]) -> int:
+        from genbackends.background import start_in_background
+
+        sent = 0
+        self.llm.start_weight_update()
+        for bucket in buckets:
+            info = {"names": [n for n, _ in bucket], "dtype_names": [str(t.dtype).replace("torch.", "") for _, t in bucket],
+                    "shapes": [list(t.shape) for _, t in bucket]}
+            done = start_in_background(lambda info=info: self.llm.update_weights({"update_info": info}))
+            for _, t in bucket:
+                self.comm.broadcast(t.contiguous(), src=0, stream=torch.cuda.current_stream())
+                sent += t.numel() * t.element_size()
+            torch.cuda.synchronize()
+            done()
+        self.llm.finish_weight_update()
+        return sent
+
+    def close(self) -> None:
+        try:
+            self.llm.shutdown_weight_transfer_engine()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def make_sender(llm: Any, num_workers: int, device: str) -> TransferEngineSender:
+    """The host side matching :func:`backend_for` ``(device)``."""
+    return NcclTransferSender(llm, num_workers) if device == "cuda" else TransferEngineSender(llm, num_workers)
+
+
+def _extension_base() -> type:
+    from genbackends_vllm.worker_ext import WeightSyncExtension
+
+    return WeightSyncExtension
+
+
+class TransferWorkerExtension(_extension_base()):  # type: ignore[misc]
+    """The backend's worker extension, plus: importing this module in the worker registers
+    :class:`GlooWeightTransferEngine` in vLLM's factory before the model loads. Pass
+    ``worker_extension_cls="genbackends_vllm.weight_transfer.TransferWorkerExtension"``."""
+
+
+register()
