@@ -167,10 +167,18 @@ def test_keep_mode_sync_midflight(backend, refs, tiny_llama, tiny_llama_alt):
     assert _close(r.logprobs[:k], lp_old) < TOL and r.token_ids[:k] == greedy_old
     assert _close(r.logprobs[k:], lp_new) < TOL and r.token_ids[k:] == greedy_new
 
-    # back to the old weights (tensors: the byte transport on vLLM), version set by the caller
+    # back to the old weights as tensors (vLLM: raw-byte RPC, then the default gloo group into
+    # the engine process), the version set by the caller
     async def restore() -> list[Any]:
         await backend.pause("wait")
-        backend.sync_weights(old_w, version=40)
+        if backend.name == "vllm":
+            backend.options.sync_transport = "rpc"
+            try:
+                assert backend.sync_weights(new_w, version=39).transport == "rpc-bytes"
+            finally:
+                backend.options.sync_transport = "auto"
+        rep = backend.sync_weights(old_w, version=40)  # the parity check below covers this one
+        assert rep.transport == ("group" if backend.name == "vllm" else "in-process")
         await backend.resume()
         backend.submit("a b c", sampling={"max_new_tokens": 4})
         return await _drain(backend)
@@ -225,3 +233,17 @@ def test_sync_generate_unchanged_next_to_async(engines, refs):
     [r] = b.generate(["the quick brown fox"])
     lp, greedy = _ref_lp(refs["old"], r.prompt_token_ids, r.token_ids)
     assert r.token_ids == greedy and _close(r.logprobs, lp) < TOL and r.weight_versions is None
+
+
+def test_top_k_and_top_p_filters_are_applied_per_request(backend, refs):
+    """top_k=1 and a tiny top_p leave only the most likely token: sampled requests then equal
+    greedy decoding, while logprobs stay the raw ones (before temperature and filters)."""
+    ids = backend.submit([
+        {"prompt": "the quick brown fox", "sampling": {"temperature": 1.3, "top_k": 1, "max_new_tokens": 8}},
+        {"prompt": "a b c d", "sampling": {"temperature": 0.7, "top_p": 1e-6, "max_new_tokens": 8}},
+    ])
+    recs = asyncio.run(_drain(backend))
+    assert sorted(r.request_id for r in recs) == sorted(ids)
+    for r in recs:
+        lp, greedy = _ref_lp(refs["old"], r.prompt_token_ids, r.token_ids)
+        assert r.token_ids == greedy and _close(r.logprobs, lp) < TOL

@@ -13,8 +13,10 @@ Writes ``DIR/async_gpu.json`` after every section and ``DIR/async_gpu.md`` at th
   ``AsyncLLM.generate`` tasks on the same engine (alternating, best of ``--repeats``):
   makespan and output tokens/s, ratio ours/raw (aim >= 0.97);
 * ``pause_sync_resume``: with the workload in flight, ``pause("keep")``, ``sync_weights`` (a
-  safetensors folder the workers read; ``--sync-bytes`` also times the raw-byte RPC path), then
-  ``resume()``: each step timed, and all records accounted for afterwards.
+  safetensors folder the workers read = ``sync_ms``; then the same weights as tensors over our
+  gloo group = ``sync_tensors_ms``; ``--sync-bytes`` also times the raw-byte RPC path), then
+  ``resume()``: each step timed, all records accounted for afterwards, and how many records
+  span two weight versions.
 """
 from __future__ import annotations
 
@@ -74,7 +76,9 @@ class Results:
         psr = d.get("pause_sync_resume", {})
         if "pause_ms" in psr:
             lines += [f"pause(keep) {psr['pause_ms']:.1f} ms, sync {psr['sync_ms']:.1f} ms ({psr['sync_transport']}), "
-                      f"resume {psr['resume_ms']:.1f} ms, total {psr['total_ms']:.1f} ms; records accounted: {psr['accounted']}", ""]
+                      f"resume {psr['resume_ms']:.1f} ms, total {psr['total_ms']:.1f} ms (pause + folder sync + resume); "
+                      f"tensor sync {psr.get('sync_tensors_ms', float('nan')):.1f} ms ({psr.get('sync_tensors_transport')}); "
+                      f"records accounted: {psr['accounted']}, spanning two versions: {psr.get('spanning_records')}", ""]
         for k, v in d.items():
             if isinstance(v, dict) and "error" in v:
                 lines.append(f"- {k}: ERROR {v['error']}")
@@ -234,9 +238,16 @@ def main(argv: list[str] | None = None) -> int:
             t1 = time.perf_counter()
             rep = b.sync_weights(str(folder))
             t2 = time.perf_counter()
+            # the same weights as tensors: the default transport (our gloo group into the engine
+            # process), and with --sync-bytes the raw-byte RPC transport
+            rep_g = b.sync_weights(weights)
+            out["sync_tensors_ms"], out["sync_tensors_transport"] = rep_g.seconds * 1e3, rep_g.transport
             if args.sync_bytes:
-                rep_b = b.sync_weights(weights)
-                out["sync_bytes_ms"] = rep_b.seconds * 1e3
+                b.options.sync_transport = "rpc"
+                try:
+                    out["sync_bytes_ms"] = b.sync_weights(weights).seconds * 1e3
+                finally:
+                    b.options.sync_transport = "auto"
             t3 = time.perf_counter()
             await b.resume()
             t4 = time.perf_counter()

