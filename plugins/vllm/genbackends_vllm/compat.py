@@ -219,6 +219,14 @@ def worker_pp_rank(worker: Any) -> int:
     return int(ps.get_pp_group().rank_in_group)
 
 
+def flat_logprobs_kwargs() -> dict[str, bool]:
+    """``{"flat_logprobs": True}`` where ``SamplingParams`` has the field (vLLM 0.24 and 0.32 do),
+    else nothing."""
+    from vllm import SamplingParams
+
+    return {"flat_logprobs": True} if "flat_logprobs" in getattr(SamplingParams, "__struct_fields__", ()) else {}
+
+
 def reset_prefix_cache(llm: Any) -> None:
     """Drop cached KV blocks computed with old weights.
 
