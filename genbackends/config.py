@@ -20,18 +20,6 @@ class _Strict(BaseModel):
     # valid YAML floats but no knob means anything with them, so they are refused too.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
-    def __init__(self, /, **data: Any) -> None:
-        # Python callers (SamplingConfig(top_p=7), GenConfig(...)) get the same one-line
-        # ConfigError as a YAML file, not pydantic's multi-line dump. model_validate is untouched
-        # (the loader formats its errors with the file name).
-        from pydantic import ValidationError
-
-        try:
-            super().__init__(**data)
-        except ValidationError as e:
-            section = next((n for n, f in GenConfig.model_fields.items() if f.annotation is type(self)), "")
-            raise ConfigError(format_validation_error(e, prefix=section)) from None
-
     @field_validator("*", mode="before")
     @classmethod
     def _no_bool_numbers(cls, v: Any, info: ValidationInfo) -> Any:
