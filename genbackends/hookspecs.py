@@ -8,8 +8,15 @@ Two kinds of hooks:
 
 * **registration hooks** (``genbackends_register_*``), called once when the registry loads,
   return classes or objects the registry indexes by name;
-* **event hooks** (``genbackends_on_*``), called by backends at points of the RL loop, so a
-  metrics or logging plugin that is not a backend is a few lines.
+* **event hooks** (``genbackends_on_*``), fired at points of the RL loop by the base class
+  :class:`~genbackends.backend.GenerationBackend` around every backend's public operations
+  (backends never fire them themselves), so a metrics or logging plugin that is not a backend is a
+  few lines.
+
+The registry registers each plugin with pluggy, so a hookimpl's arguments must be a subset of its
+spec's, ``@hookimpl(specname="genbackends_on_after_sync")`` lets a function keep a name of its own,
+and a hookimpl whose name matches no spec below makes its plugin broken (the error names the
+closest spec).
 """
 from __future__ import annotations
 
