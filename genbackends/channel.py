@@ -55,7 +55,7 @@ class WeightChannel:
             raise ValueError(f"a weight channel needs a sender and at least one receiver, got world={world}")
         if not 0 <= rank < world:
             raise ValueError(f"channel rank {rank} outside 0..{world - 1}")
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.timeout_s = rank, world, timeout_s
         self.device = torch.device(device)
         timeout = datetime.timedelta(seconds=timeout_s)
         self.store = TCPStore(host, port, world, is_master=rank == 0, timeout=timeout, wait_for_workers=False)
@@ -72,7 +72,24 @@ class WeightChannel:
         """Broadcast ``t`` from the sender to every receiver (in place on receivers)."""
         opts = torch.distributed.BroadcastOptions()
         opts.rootRank, opts.rootTensor = 0, 0
-        self.pg.broadcast([t], opts).wait()
+        try:
+            self.pg.broadcast([t], opts).wait()
+        except Exception as e:
+            peer = "an engine rank" if self.rank == 0 else "the sender (rank 0)"
+            raise WeightSyncError(
+                f"weight channel rank {self.rank}: broadcast of a {tuple(t.shape)} tensor failed "
+                f"({_first_line(e)}): {peer} died or stalled past timeout_s={self.timeout_s:g} s"
+            ) from e
+
+    def _get(self, key: str, what: str) -> bytes:
+        """``store.get`` whose timeout says what was awaited, from whom, and which knob bounds it."""
+        try:
+            return self.store.get(key)
+        except Exception as e:  # torch's DistStoreError: "wait timeout after Nms, keys: ..."
+            raise WeightSyncError(
+                f"weight channel rank {self.rank}: no {what} within timeout_s={self.timeout_s:g} s "
+                f"({_first_line(e)}): that process died, or is slower than the channel's timeout_s"
+            ) from e
 
     def barrier(self) -> None:
         """Every member of the channel has reached this point (a 1-element all-reduce)."""
@@ -98,7 +115,7 @@ class WeightChannel:
         refusals = []
         for r in range(1, self.world):
             keys.append(self._key(k, "ack", r))
-            answer = self.store.get(keys[-1]).decode()
+            answer = self._get(keys[-1], f"answer from engine rank {r}").decode()
             if answer:
                 refusals.append(f"engine rank {r}: {answer}")
         if refusals:
@@ -169,7 +186,7 @@ class ChannelSource:
 
     def manifest(self) -> dict[str, TensorSpec]:
         if self._manifest is None:
-            raw = pickle.loads(self.channel.store.get(self.channel._key(self.sync, "manifest")))
+            raw = pickle.loads(self.channel._get(self.channel._key(self.sync, "manifest"), "manifest from the sender (rank 0)"))
             self._manifest = {n: TensorSpec(tuple(s), _dtype(d)) for n, (s, d) in raw.items()}
         return self._manifest
 
@@ -179,13 +196,13 @@ class ChannelSource:
         # for every other receiver's answer (the sender's go).
         ch.store.set(ch._key(self.sync, "ack", ch.rank), b"")
         self.answered = True
-        if ch.store.get(ch._key(self.sync, "go")) != b"go":
+        if ch._get(ch._key(self.sync, "go"), "go from the sender (rank 0)") != b"go":
             raise WeightSyncError("weight channel: another engine rank refused this sync; nothing was written")
 
         def received() -> Iterator[tuple[str, torch.Tensor]]:
             i = 0
             while True:
-                meta = pickle.loads(ch.store.get(ch._key(self.sync, "bucket", i)))
+                meta = pickle.loads(ch._get(ch._key(self.sync, "bucket", i), f"bucket {i} from the sender (rank 0)"))
                 if meta is None:
                     return
                 for name, shape, dtype in meta:
@@ -195,6 +212,10 @@ class ChannelSource:
                 i += 1
 
         yield from bucketize(received(), bucket_bytes or (256 << 20))
+
+
+def _first_line(e: BaseException) -> str:
+    return (f"{type(e).__name__}: {e}".splitlines() or [""])[0][:300]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

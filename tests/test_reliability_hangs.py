@@ -200,3 +200,27 @@ def test_engine_watch_names_a_killed_process():
     finally:
         child.kill()
         child.wait()
+
+
+@pytest.mark.timeout(60)
+def test_weight_channel_waits_say_who_is_missing():
+    """The separate-layout WeightChannel: a sender whose receiver never answers, and a receiver
+    whose sender never posts, each stop after timeout_s with a WeightSyncError naming the peer."""
+    import torch
+
+    from genbackends.background import start_in_background
+    from genbackends.channel import ChannelSource, WeightChannel
+    from genbackends.errors import WeightSyncError
+    from genbackends.weights import as_weight_source
+    from genbackends_vllm.transport import free_port
+
+    port = free_port()
+    joined = start_in_background(lambda: WeightChannel("127.0.0.1", port, 1, 2, timeout_s=2))
+    sender = WeightChannel("127.0.0.1", port, 0, 2, timeout_s=2)
+    receiver = joined()
+    t0 = time.monotonic()
+    with pytest.raises(WeightSyncError, match=r"rank 0: no answer from engine rank 1 within timeout_s=2 s"):
+        sender.send(as_weight_source({"w": torch.zeros(3)}))
+    with pytest.raises(WeightSyncError, match=r"rank 1: no manifest from the sender \(rank 0\) within timeout_s=2 s"):
+        ChannelSource(receiver, 7).manifest()
+    assert time.monotonic() - t0 < 15
