@@ -92,6 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     from genbackends_vllm.engine import LocalEngine
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        # NCCL refuses two ranks on one GPU: this process (the sender) keeps GPU 0, the engine's
+        # worker processes see only the second GPU (CUDA here is initialised before the change).
+        if torch.cuda.device_count() < 2:
+            raise SystemExit("transfer_engines.py --device cuda needs 2 GPUs (sender and engine on different GPUs)")
+        torch.cuda.set_device(0)
+        torch.zeros(1, device="cuda")
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(str(i) for i in range(torch.cuda.device_count())))
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[1]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     tmp = Path(tempfile.mkdtemp(prefix="transfer_engines_"))
     heads = max(4, args.hidden // 64)
@@ -99,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
                       head_dim=64, intermediate_size=4 * args.hidden, vocab_size=args.vocab)
     base = build_tiny_model(tmp / "base", "llama", seed=0, shape=shape)
     alt = build_tiny_model(tmp / "alt", "llama", seed=1, shape=shape)
-    base_pairs, alt_pairs = _pairs(Path(base), dtype), _pairs(Path(alt), dtype)
+    # the trainer's tensors live where the trainer computes (GPU 0 on CUDA)
+    base_pairs = [(n, t.to(device)) for n, t in _pairs(Path(base), dtype)]
+    alt_pairs = [(n, t.to(device)) for n, t in _pairs(Path(alt), dtype)]
     nbytes = sum(t.numel() * t.element_size() for _, t in alt_pairs)
     ref = _hf_logprobs(Path(alt), dtype, device)
     tol = 1e-3 if dtype == torch.float32 else 0.5

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from gpu_helpers import start_backend
 
@@ -29,6 +30,8 @@ def test_published_layout_matches_gpu_engine(tiny_llama):
         b.shutdown()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="NCCL needs the sender and the engine on different GPUs (2 GPUs)")
 def test_vllm_nccl_transfer_engine_vs_our_group(tmp_path):
     out = tmp_path / "te"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu/transfer_engines.py"), "--out", str(out),
