@@ -20,7 +20,7 @@ import pytest
 
 _REPO = Path(__file__).resolve().parent.parent
 KIT = ["-p", "genbackends.testing", "--pyargs", "genbackends.testing.suite"]
-N_CHECKS = 13  # tests in genbackends/testing/suite.py
+N_CHECKS = 14  # tests in genbackends/testing/suite.py
 # What the echo toy cannot do: it ignores the model (its tokens are the prompt's characters
 # reversed, logprobs 0, no sampling, no stop strings) and takes only its own 'shift' weight. It
 # also reports finish_reason 'length' for completions shorter than max_new_tokens ('records').

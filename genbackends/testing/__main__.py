@@ -17,7 +17,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--logprob-tol", type=float, help="absolute logprob tolerance vs float64 (default 1e-3)")
     p.add_argument("--skip", action="append", default=[], metavar="CHECK[,CHECK]", help="checks that do not apply")
     args, rest = p.parse_known_args(argv)
-    cmd = ["-p", "genbackends.testing", "--pyargs", "genbackends.testing.suite", "--genbackends-backend", args.backend]
+    # this package is imported already (we run inside it), so pytest cannot assert-rewrite the
+    # plugin module; the checks themselves live in the suite module, which it does rewrite
+    quiet = ["-W", "ignore:Module already imported so cannot be rewritten:pytest.PytestAssertRewriteWarning"]
+    cmd = [*quiet, "-p", "genbackends.testing", "--pyargs", "genbackends.testing.suite", "--genbackends-backend", args.backend]
     if args.model:
         cmd += ["--genbackends-model", args.model]
     if args.config:

@@ -23,7 +23,7 @@ from genbackends.hookspecs import hookimpl
 
 # Check names, in the order the suite runs them (each test carries @pytest.mark.genbackends_check(name)).
 CHECKS: tuple[str, ...] = (
-    "records", "ordering", "tokens", "greedy", "logprobs", "sampling", "stop",
+    "contract", "records", "ordering", "tokens", "greedy", "logprobs", "sampling", "stop",
     "sync_reject", "sync_apply", "sleep", "hooks", "shutdown",
 )
 # The kit's defaults under the user's config: small budget, fp32 weights for tight parity.

@@ -49,6 +49,33 @@ def greedy_baseline(genbackends_backend: Any) -> list[GenerationRecord]:
     return generate(genbackends_backend, PROMPTS, temperature=0.0)
 
 
+# ---- the class itself -----------------------------------------------------------------------
+@check("contract")
+def test_options_and_capabilities(genbackends_registry: Any, genbackends_config: Any, genbackends_backend: Any) -> None:
+    from genbackends.capabilities import SYNC_PATHS, BackendCapabilities
+    from genbackends.config import GenConfig
+    from genbackends.errors import ConfigError
+
+    name = genbackends_config.backend
+    data = genbackends_config.model_dump()
+    data["options"] = {**data.get("options", {}), name: {**data.get("options", {}).get(name, {}), "genbackends_kit_bogus": 1}}
+    try:
+        genbackends_registry.create_backend(GenConfig.model_validate(data))
+    except ConfigError as e:
+        assert "genbackends_kit_bogus" in str(e), f"the error for an unknown option must name it (options.{name}.genbackends_kit_bogus), got: {e}"
+    else:
+        raise AssertionError(
+            f"options.{name}.genbackends_kit_bogus was accepted; the options model must forbid unknown keys "
+            "(derive it from genbackends.backend.BackendOptions)"
+        )
+    caps = genbackends_backend.capabilities()
+    assert isinstance(caps, BackendCapabilities), f"capabilities() must return a BackendCapabilities, got {type(caps).__name__}"
+    assert caps.sync_paths and set(caps.sync_paths) <= set(SYNC_PATHS), (
+        f"capabilities().sync_paths {sorted(caps.sync_paths)} must be a non-empty subset of {SYNC_PATHS}"
+    )
+    assert all(level in (1, 2) for level in caps.sleep_levels), f"capabilities().sleep_levels {caps.sleep_levels} may hold only 1 and 2"
+
+
 # ---- records --------------------------------------------------------------------------------
 @check("records")
 def test_record_fields(genbackends_backend: Any, greedy_baseline: list[GenerationRecord]) -> None:
@@ -313,18 +340,11 @@ def test_sync_applies_and_restores(genbackends_backend: Any, kit_weights: dict, 
 
 
 # ---- memory, hooks, shutdown -----------------------------------------------------------------
-def _capabilities(backend: Any) -> Any:
-    from genbackends.capabilities import BackendCapabilities
-
-    fn = getattr(backend, "capabilities", None)
-    return fn() if fn is not None else BackendCapabilities()
-
-
 @check("sleep")
 def test_sleep_wake_keeps_outputs(genbackends_backend: Any, kit_weights: dict, genbackends_kit: Any,
                                   greedy_baseline: list[GenerationRecord]) -> None:
     b = genbackends_backend
-    levels = sorted({1, *_capabilities(b).sleep_levels})
+    levels = sorted({1, *b.capabilities().sleep_levels})
     for level in levels:
         b.sleep(level)
         if level >= 2:  # level 2 may discard the weights: wake them, sync, then the cache
