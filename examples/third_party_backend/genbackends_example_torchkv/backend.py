@@ -62,8 +62,7 @@ class TorchKVBackend(GenerationBackend):
 
     def __init__(self, config: Any, hooks: Any = None):
         super().__init__(config, hooks)
-        if config.sampling.use_beam_search:
-            raise ConfigError("sampling.use_beam_search: the torchkv backend only samples; set it false or use backend: hf")
+        _refuse_beam_search(config.sampling)
         for knob in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
             if getattr(config.parallel, knob) != 1:
                 raise ConfigError(f"parallel.{knob}: the torchkv backend runs one model in one process; set it to 1")
@@ -123,6 +122,7 @@ class TorchKVBackend(GenerationBackend):
 
     def forward_step(self, data: Any, iteration: int = 0, eval_mode: bool = False) -> list[PromptOutput]:
         sp = self.config.sampling.resolved(eval_mode)  # this call's sampling, eval_* applied
+        _refuse_beam_search(sp)  # sampling may have changed for this call
         gen = torch.Generator(device=self.device)
         if sp.seed is not None:
             gen.manual_seed(sp.seed + iteration)  # same call, same weights -> same tokens
@@ -260,6 +260,11 @@ class TorchKVBackend(GenerationBackend):
             sorted_l = sorted_l.masked_fill(drop, float("-inf"))
             scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_l)
         return torch.multinomial(scaled.softmax(dim=-1), 1, generator=gen).squeeze(-1)
+
+
+def _refuse_beam_search(sampling: Any) -> None:
+    if sampling.use_beam_search:
+        raise ConfigError("sampling.use_beam_search: the torchkv backend only samples; set it false or use backend: hf")
 
 
 def _eos_ids(tokenizer: Any, model: Any) -> set[int]:
