@@ -460,6 +460,11 @@ class RolloutEngine(ABC):
     def _version_changed(self) -> None:
         """Hook: the weight version changed (engines tracking versions themselves override)."""
 
+    def _sync_alone(self, source: Any) -> Any:
+        """Load ``source`` into this engine only (as one replica of a
+        :class:`ReplicatedRolloutEngine`); same conditions as :meth:`_sync`."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be a replica")
+
     @abstractmethod
     def _submit(self, admitted: list[Admitted]) -> None: ...
 
@@ -477,6 +482,75 @@ class RolloutEngine(ABC):
 
     @abstractmethod
     def _shutdown(self) -> None: ...
+
+
+class ReplicatedRolloutEngine(RolloutEngine):
+    """Data-parallel replicas behind one contract. A request goes to the replica with the fewest
+    requests in flight (a session's turns stay on the replica that served its first turn, for
+    its prefix cache); one record stream, one weight version; pause, resume and syncs reach
+    every replica (a sync loads the same source into each, one after the other)."""
+
+    def __init__(self, replicas: Sequence[RolloutEngine]):
+        if not replicas:
+            raise ValueError("ReplicatedRolloutEngine needs at least one replica")
+        first = replicas[0]
+        super().__init__(first.base_sampling, first.tokenizer, first.weight_version)
+        self.replicas = list(replicas)
+        for r in self.replicas:
+            # replicas deliver straight into the shared stream, session table and lock
+            r.records, r._sessions, r._lock = self.records, self._sessions, self._lock
+            r.weight_version = self.weight_version
+        self._owner: dict[str, int] = {}
+        self._home: dict[str, int] = {}
+
+    def progress(self, request_id: str) -> int:
+        k = self._owner.get(request_id)
+        return 0 if k is None else self.replicas[k].progress(request_id)
+
+    def _submit(self, admitted: list[Admitted]) -> None:
+        outstanding = self.records.outstanding()
+        self._owner = {rid: k for rid, k in self._owner.items() if rid in outstanding}
+        load = [0] * len(self.replicas)
+        for k in self._owner.values():
+            load[k] += 1
+        parts: dict[int, list[Admitted]] = {}
+        for a in admitted:
+            sid = a.session.session_id if a.session is not None else None
+            k = self._home[sid] if sid in self._home else min(range(len(load)), key=load.__getitem__)
+            if sid is not None:
+                self._home[sid] = k
+            load[k] += 1
+            self._owner[a.request_id] = k
+            parts.setdefault(k, []).append(a)
+        for k, items in parts.items():
+            self.replicas[k]._submit(items)
+
+    def _cancel(self, request_id: str) -> bool:
+        k = self._owner.get(request_id)
+        return k is not None and self.replicas[k]._cancel(request_id)
+
+    async def _pause(self, mode: str) -> None:
+        await asyncio.gather(*(r.pause(mode) for r in self.replicas))  # type: ignore[arg-type]
+
+    async def _resume(self) -> None:
+        await asyncio.gather(*(r.resume() for r in self.replicas))
+
+    def _sync(self, do_sync: Callable[[], Any], source: Any) -> Any:
+        report = self.replicas[0]._sync(do_sync, source)
+        for r in self.replicas[1:]:
+            r._sync_alone(source)
+        if isinstance(getattr(report, "details", None), dict):
+            report.details["replicas"] = len(self.replicas)
+        return report
+
+    def _version_changed(self) -> None:
+        for r in self.replicas:
+            r.weight_version = self.weight_version
+            r._version_changed()
+
+    def _shutdown(self) -> None:
+        for r in self.replicas:
+            r._shutdown()
 
 
 def version_spans(starts: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -76,6 +76,16 @@ def _close(a: list[float], b: list[float]) -> float:
     return max((abs(x - y) for x, y in zip(a, b)), default=0.0)
 
 
+def _check_spans(r: Any, models: dict[int, Any]) -> None:
+    """Each span of ``r.weight_versions`` against its version's model continuing the record's own
+    prefix: logprobs within TOL and tokens = that model's greedy choices (greedy requests)."""
+    bounds = [s for s, _ in r.weight_versions] + [len(r.token_ids)]
+    for (start, ver), end in zip(r.weight_versions, bounds[1:]):
+        lp, greedy = _ref_lp(models[ver], r.prompt_token_ids + r.token_ids[:start], r.token_ids[start:end])
+        assert _close(r.logprobs[start:end], lp) < TOL, (r.request_id, ver)
+        assert r.token_ids[start:end] == greedy, (r.request_id, ver)
+
+
 async def _drain(b: Any) -> list[Any]:
     return [r async for r in b.stream(timeout=300)]
 
@@ -92,6 +102,7 @@ async def _wait_progress(b: Any, rid: str, k: int) -> None:
 def test_completion_order_accounting_and_parity(backend, refs):
     """Records come out as requests finish (shortest first), each exactly once, and their
     logprobs / greedy tokens equal transformers'. Per-request sampling is validated."""
+    assert backend.capabilities().async_generation
     with pytest.raises(ConfigError, match="top_p"):
         backend.submit("a b", sampling={"top_p": 2.0})
     lengths = [24, 2, 12, 6]
@@ -142,7 +153,8 @@ def test_keep_mode_sync_midflight(backend, refs, tiny_llama, tiny_llama_alt):
 
     old_w = load_file(str(tiny_llama / "model.safetensors"))
     new_w = load_file(str(tiny_llama_alt / "model.safetensors"))
-    [rid] = backend.submit("the quick brown fox", sampling={"max_new_tokens": 160})
+    rid, *others = backend.submit([{"prompt": p, "sampling": {"max_new_tokens": n}} for p, n in
+                                   (("the quick brown fox", 160), ("a b", 3), ("hello world", 90), ("one", 200))])
     with pytest.raises(BackendStateError, match="pause"):
         backend.sync_weights(new_w)  # in flight and not paused
     v0 = backend.weight_version
@@ -157,7 +169,11 @@ def test_keep_mode_sync_midflight(backend, refs, tiny_llama, tiny_llama_alt):
         await backend.resume()
         return await _drain(backend)
 
-    [r] = asyncio.run(go())
+    recs = asyncio.run(go())
+    assert sorted(x.request_id for x in recs) == sorted([rid, *others])  # none lost or duplicated
+    for x in recs:  # every record, spanning or not, against the weights of each of its spans
+        _check_spans(x, {v0: refs["old"], v0 + 1: refs["new"]})
+    [r] = [x for x in recs if x.request_id == rid]
     assert backend.weight_version == v0 + 1
     assert r.finish_reason == "length" and len(r.token_ids) == 160
     (s0, va), (k, vb) = r.weight_versions
@@ -247,3 +263,59 @@ def test_top_k_and_top_p_filters_are_applied_per_request(backend, refs):
     for r in recs:
         lp, greedy = _ref_lp(refs["old"], r.prompt_token_ids, r.token_ids)
         assert r.token_ids == greedy and _close(r.logprobs, lp) < TOL
+
+
+def test_replicated_engine_spreads_syncs_and_accounts(tiny_llama, tiny_llama_alt, refs):
+    """ReplicatedRolloutEngine (data-parallel replicas) over two HF engines: requests spread over
+    both, a session stays on one replica, one cancel, and a keep-mode sync reaches both replicas
+    (every record's spans match the weights of their version)."""
+    from safetensors.torch import load_file
+
+    from genbackends.rollouts import ReplicatedRolloutEngine
+    from genbackends_hf.async_engine import HFRolloutEngine
+
+    backends = [get_registry().create_backend(_config("hf", tiny_llama)) for _ in range(2)]
+    for b in backends:
+        b.setup()
+    eng = ReplicatedRolloutEngine([HFRolloutEngine(b) for b in backends])
+    new_w = load_file(str(tiny_llama_alt / "model.safetensors"))
+    try:
+        ids = eng.submit([{"prompt": f"p {i} q", "sampling": {"max_new_tokens": 60 + 10 * i}} for i in range(6)])
+        assert set(eng._owner[i] for i in ids) == {0, 1}
+        s = Session(eng.tokenizer.encode("the cat"))
+
+        async def go() -> list[Any]:
+            [sid] = eng.submit(s, sampling={"max_new_tokens": 3})
+            ids.append(sid)
+            first = [r async for r in eng.stream(max_records=1, timeout=300)]
+            home = eng._home[s.session_id]
+            assert first[0].request_id == sid and eng.cancel(ids[5])
+            s.append([5, 6])
+            [sid2] = eng.submit(s, sampling={"max_new_tokens": 3})
+            ids.append(sid2)
+            assert eng._owner[sid2] == home
+            await _wait_progress_engine(eng, ids[0], 2)
+            await eng.pause("keep")
+            eng.sync_weights(lambda: backends[0]._sync_weights_now(new_w), new_w)
+            await eng.resume()
+            return first + [r async for r in eng.stream(timeout=300)]
+
+        recs = asyncio.run(go())
+        assert sorted(r.request_id for r in recs) == sorted(ids) and len(ids) == 8  # none lost or duplicated
+        assert {r.request_id: r.finish_reason for r in recs}[ids[5]] == "abort"
+        for r in recs:
+            _check_spans(r, {0: refs["old"], 1: refs["new"]})
+        assert any(len(r.weight_versions) == 2 for r in recs)  # some spanned the sync
+        assert s.to_record().loss_mask == [1, 1, 1, 0, 0, 1, 1, 1]
+    finally:
+        eng.shutdown()
+        for b in backends:
+            b.shutdown()
+
+
+async def _wait_progress_engine(eng: Any, rid: str, k: int) -> None:
+    for _ in range(6000):
+        if eng.progress(rid) >= k:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"request {rid} made no progress")

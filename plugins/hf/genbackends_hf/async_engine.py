@@ -119,6 +119,9 @@ class HFRolloutEngine(RolloutEngine):
                 self._rows, self._cache, self._mask, self._next = [], None, None, None
         return report
 
+    def _sync_alone(self, source: Any) -> Any:
+        return self._sync(lambda: self.backend._sync_weights_now(source), source)
+
     def _shutdown(self) -> None:
         with self._cv:
             self._stop = True

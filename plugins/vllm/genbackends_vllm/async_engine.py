@@ -49,12 +49,16 @@ from genbackends_vllm.engine import WORKER_EXTENSION, EngineStartError, check_mo
 class VLLMRolloutEngine(RolloutEngine):
     """Asynchronous rollouts on one ``AsyncLLM`` (see the module docstring)."""
 
-    def __init__(self, backend: Any):
+    def __init__(self, backend: Any, replica: int = 0):
         from genbackends_vllm.engine_args import build_engine_kwargs
 
         cfg = backend.config
-        if cfg.parallel.data_parallel_size != 1 or cfg.parallel.replica_placement != "local":
-            raise BackendStateError("asynchronous rollouts run on one local vLLM engine (parallel.data_parallel_size: 1)")
+        if cfg.parallel.replica_placement != "local" or cfg.parallel.executor == "external_launcher":
+            raise BackendStateError(
+                "asynchronous rollouts run on local AsyncLLM engines (parallel.replica_placement: local, "
+                "executor not external_launcher)"
+            )
+        self.replica = replica
         check_model_path(cfg.model)
         super().__init__(cfg.sampling, tokenizer=None)
         self.backend = backend
@@ -217,6 +221,9 @@ class VLLMRolloutEngine(RolloutEngine):
             do_sync()
         return report
 
+    def _sync_alone(self, source: Any) -> Any:
+        return self.load_weights(source)
+
     def _shutdown(self) -> None:
         async def stop() -> None:
             for t in list(self._tasks.values()):
@@ -241,7 +248,8 @@ class VLLMRolloutEngine(RolloutEngine):
 
         if self._group is None:
             world = 1 + self.kwargs.get("tensor_parallel_size", 1) * self.kwargs.get("pipeline_parallel_size", 1)
-            port = self.backend.options.sync_group_port or free_port()
+            base = self.backend.options.sync_group_port
+            port = base + self.replica if base else free_port()
             joined = asyncio.run_coroutine_threadsafe(
                 self.llm.collective_rpc("genbackends_sync_open", args=("127.0.0.1", port, world)), self._loop)
             self._group = SyncGroup("127.0.0.1", port, 0, world)

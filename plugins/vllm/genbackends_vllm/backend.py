@@ -223,10 +223,25 @@ class VLLMBackend(AsyncRolloutsMixin, GenerationBackend):
     # ---- asynchronous rollouts -------------------------------------------------------------
     def _make_rollout_engine(self) -> Any:
         """Asynchronous rollouts on vLLM's ``AsyncLLM`` (:mod:`genbackends_vllm.async_engine`).
-        Called before ``setup()``, it is the backend's only engine (nothing else is started)."""
+        Called before ``setup()``, it is the backend's only engine (nothing else is started).
+        ``parallel.data_parallel_size > 1``: that many engines (started concurrently) behind one
+        :class:`~genbackends.rollouts.ReplicatedRolloutEngine`."""
+        from genbackends.rollouts import ReplicatedRolloutEngine
         from genbackends_vllm.async_engine import VLLMRolloutEngine
 
-        engine = VLLMRolloutEngine(self)
+        n = self.config.parallel.data_parallel_size
+        if n == 1:
+            engine: Any = VLLMRolloutEngine(self)
+        else:
+            with ThreadPoolExecutor(n) as pool:
+                futs = [pool.submit(VLLMRolloutEngine, self, k) for k in range(n)]
+            errors = [f.exception() for f in futs if f.exception() is not None]
+            if errors:
+                for f in futs:
+                    if f.exception() is None:
+                        f.result().shutdown()
+                raise errors[0]
+            engine = ReplicatedRolloutEngine([f.result() for f in futs])
         if self._state == "created":
             self.tokenizer = engine.tokenizer
             self._mark_ready()
