@@ -291,3 +291,35 @@ def test_cli_lists_allow_list_names_and_takes_a_backend_name(run_cli, spec_site,
     proc = run_cli("generate", cfg, "--prompt", "abc", "--quiet", sites=[spec_site], env={"GENBACKENDS_PLUGINS": "spec"})
     assert proc.returncode == 0, proc.stderr
     assert '"text": "ccc"' in proc.stdout
+
+
+def test_older_backends_calling_emit_and_super_fire_once(sites):
+    """A backend written before the base class fired hooks (it calls ``_emit`` itself), and a
+    subclass calling ``super().sync_weights``: each hook still fires exactly once."""
+    from genbackends_spec.plugin import SpecBackend
+    from genbackends.weights import SyncReport
+
+    class OldStyle(SpecBackend):
+        name = "old-style"
+
+        def sync_weights(self, source):
+            report = super().sync_weights(source)
+            self._emit("genbackends_on_after_sync", backend=self, report=report)
+            return report
+
+    syncs = []
+
+    class Plugin:
+        @hookimpl
+        def genbackends_register_backends(self):
+            return [OldStyle]
+
+        @hookimpl
+        def genbackends_on_after_sync(self, backend, report):
+            syncs.append(report)
+
+    reg = Registry()
+    reg.register_object(Plugin(), name="old-style")
+    with reg.create_backend(_cfg("old-style")) as b:
+        report = b.sync_weights({"w": torch.zeros(1)})
+    assert syncs == [report] and isinstance(report, SyncReport)
