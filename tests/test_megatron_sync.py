@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("megatron.core")
-pytest.importorskip("vllm")
+import megatron.core  # noqa: E402,F401  (a missing or broken engine must fail, not skip)
+import vllm  # noqa: E402,F401  (a missing or broken engine must fail, not skip)
 
 ARCHS = ("llama", "qwen2", "qwen3")
 LAYOUTS = {

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("vllm")
-pytest.importorskip("megatron.core")
+import vllm  # noqa: E402,F401  (a missing or broken engine must fail, not skip)
+import megatron.core  # noqa: E402,F401  (a missing or broken engine must fail, not skip)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu" / "multigpu.py"
 

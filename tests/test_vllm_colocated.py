@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("vllm")
+import vllm  # noqa: E402,F401  (a missing or broken engine must fail, not skip)
 
 from rank_processes import run_ranks  # noqa: E402
 from vllm_helpers import HFReference  # noqa: E402
@@ -23,9 +23,15 @@ def test_colocated_tp2_in_trainer_ranks(tiny_llama, tiny_llama_alt, tmp_path):
         for rank in range(2)], timeout=300)
     res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     base, alt = HFReference(tiny_llama), HFReference(tiny_llama_alt)
-    for r in res:
+    for rank, r in enumerate(res):
         assert r["executor"] == "external_launcher" and r["world"] == 2 and r["transport"] == "inprocess"
         assert r["before"] == [base.greedy(i, 10) for i in r["ids"]]
         assert r["after"] == [alt.greedy(i, 10) for i in r["ids"]]
-        assert r["layout_ranks"] == [0]  # each rank reaches its own shard's worker only
+        # Each trainer rank reaches exactly one worker: the one holding TP shard `rank` of the engine.
+        assert r["layout_entries"] == 1 and len(r["worker_shards"]) == 1
+        shard = r["worker_shards"][0]
+        assert (*shard["tp"], shard["reported_rank"]) == (rank, 2, rank), shard
+    vocab = json.loads((tiny_llama / "config.json").read_text())["vocab_size"]
+    v0, v1 = res[0]["worker_shards"][0]["vocab"], res[1]["worker_shards"][0]["vocab"]
+    assert v0[0] == 0 and v0[1] == v1[0] and v1[1] == vocab, (v0, v1)  # the two shards tile the vocab
     assert res[0]["before"] == res[1]["before"]

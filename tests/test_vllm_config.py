@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-pytest.importorskip("vllm")
+import vllm  # noqa: E402,F401  (a missing or broken engine must fail, not skip)
 
 from genbackends.errors import ConfigError  # noqa: E402
 from genbackends.registry import get_registry  # noqa: E402
@@ -77,10 +77,18 @@ def test_sampling_params_train_eval_and_limits(tiny_llama):
 
 
 def test_greedy_with_n_above_1_is_a_config_error(tiny_llama):
-    # The core config rejects it now (for every backend); the backend keeps its own check for
-    # configs built without validation.
+    # The core config rejects it (for every backend) ...
+    bad = {"n": 2, "temperature": 1.0, "eval_temperature": 0.0}
     with pytest.raises(ValueError, match=r"sampling.n: n=2 needs sampling.eval_temperature > 0"):
-        get_registry().create_backend(vllm_config(tiny_llama, sampling={"n": 2, "temperature": 1.0, "eval_temperature": 0.0}))
+        vllm_config(tiny_llama, sampling=bad)
+    # ... and the backend keeps its own check for configs built without validation: model_copy
+    # skips pydantic, so only the backend's check can stop this one.
+    good = vllm_config(tiny_llama)
+    cfg = good.model_copy(update={"sampling": good.sampling.model_copy(update=bad)})
+    assert cfg.sampling.n == 2 and cfg.sampling.eval_temperature == 0.0  # really unvalidated
+    with pytest.raises(ConfigError, match=r"sampling.n: n=2 needs sampling.eval_temperature > 0") as err:
+        get_registry().create_backend(cfg)
+    assert any("genbackends_vllm" in str(entry.path) for entry in err.traceback), "raised outside the vLLM backend"
 
 
 def test_bad_model_path_names_the_setting(tmp_path):

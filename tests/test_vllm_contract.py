@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-pytest.importorskip("vllm")
+import vllm  # noqa: E402,F401  (a missing or broken engine must fail, not skip)
 
 from genbackends.records import GenerationRecord  # noqa: E402
 from genbackends.registry import get_registry  # noqa: E402

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("vllm")
-pytest.importorskip("ray")
+import vllm  # noqa: E402,F401  (a missing or broken engine must fail, not skip)
+import ray  # noqa: E402,F401  (a missing Ray must fail, not skip)
 
 from genbackends.registry import get_registry  # noqa: E402
 

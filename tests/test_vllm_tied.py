@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("vllm")
+import vllm  # noqa: E402,F401  (a missing or broken engine must fail, not skip)
 
 from genbackends.registry import get_registry  # noqa: E402
 

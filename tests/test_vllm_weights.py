@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-pytest.importorskip("vllm")
+import vllm  # noqa: E402,F401  (a missing or broken engine must fail, not skip)
 
 from genbackends.errors import BackendStateError, WeightSyncError  # noqa: E402
 from genbackends.registry import get_registry  # noqa: E402

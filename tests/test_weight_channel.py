@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("megatron.core")
-pytest.importorskip("vllm")
+import megatron.core  # noqa: E402,F401  (a missing or broken engine must fail, not skip)
+import vllm  # noqa: E402,F401  (a missing or broken engine must fail, not skip)
 
 from rank_processes import run_ranks  # noqa: E402
 

@@ -21,6 +21,7 @@ def main() -> None:
 
     from genbackends.registry import get_registry
     from vllm_helpers import PROMPTS, vllm_config
+    from vllm_worker_facts import shard_facts
 
     cfg = vllm_config(
         model,
@@ -38,7 +39,7 @@ def main() -> None:
         json.dump(
             {"before": before, "after": after, "ids": ids, "transport": report.transport,
              "sync_seconds": report.seconds, "world": world, "executor": b.replicas[0].executor_backend(),
-             "layout_ranks": sorted(layout["params"])}, f)
+             "layout_entries": len(layout["params"]), "worker_shards": b.run_on_workers(shard_facts)}, f)
     b.shutdown()
     import torch.distributed as dist
 

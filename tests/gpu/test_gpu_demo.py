@@ -45,7 +45,9 @@ def test_gpu_demo_end_to_end(repo_root, tmp_path):
     for p in res["phases"]:
         s = p["sync"]
         assert s["path"] == "direct", s  # GPU vLLM takes the adapter's direct writes
-        assert s["parity"]["max_abs_diff"] < 1e-3, (p["phase"], s["parity"])
+        # fp32 on both sides (1e-4 on the CPU); GPU kernels may use TF32 matmuls, hence 1e-2,
+        # still far below what one wrong or stale tensor does (nats)
+        assert s["parity"]["max_abs_diff"] < 1e-2, (p["phase"], s["parity"])
         sp = p["sampled_parity"]
-        assert sp["num_tokens"] > 0 and sp["max_abs_diff"] < 1e-3, (p["phase"], sp)
+        assert sp["num_tokens"] > 0 and sp["max_abs_diff"] < 1e-2, (p["phase"], sp)
         assert p["generation"]["tokens_per_s"] > 0
