@@ -11,9 +11,9 @@ anything fails mid-stream); see ``docs/reliability.md`` for the design and its m
   names, shape, dtype), then finite values; :meth:`StreamChecker.finish` reports tensors the
   manifest announced but the source never produced;
 * :func:`nonfinite_problem` - the finite check where the bytes are (CPU or GPU): one fused
-  max-abs reduction per bucket (``torch._foreach_norm(..., inf)``; NaN and Inf propagate), one host
-  synchronisation per bucket, each byte read once. Only a failing bucket is scanned again to
-  name the offending tensor and element.
+  norm per bucket (``torch._foreach_norm``; NaN and Inf propagate), one host synchronisation per
+  bucket, each byte read once. Only a flagged bucket is scanned again, exactly, to name the
+  offending tensor and element.
 """
 from __future__ import annotations
 
@@ -80,19 +80,22 @@ def describe_nonfinite(name: str, t: torch.Tensor) -> str:
 def nonfinite_problem(pairs: Sequence[tuple[str, torch.Tensor]]) -> str | None:
     """None if every float tensor in ``pairs`` is finite, else a description of the first bad one.
 
-    One ``_foreach_norm(inf)`` per (device, dtype) group (max |x|; NaN/Inf propagate into it),
-    the per-tensor results stacked, and one ``isfinite().all()`` read back: one host sync per
-    device for the whole bucket."""
+    One ``torch._foreach_norm`` per (device, dtype) group (the fused multi-tensor kernel gradient
+    clipping uses; NaN and Inf propagate into a tensor's norm), the per-tensor norms stacked, and
+    one ``isfinite().all()`` read back: each byte read once, one host sync per device for the
+    whole bucket. The 2-norm, not max-abs: on the CPU the inf-norm kernel ran 20x slower (236 vs
+    10 ms for the 5 MB tiny model here). A 2-norm can overflow for huge finite values (fp16), so a
+    flagged tensor is re-scanned exactly (``isfinite``) before it is refused."""
     groups: dict[tuple[Any, Any], list[tuple[str, torch.Tensor]]] = {}
     for name, t in pairs:
         if t.numel() and t.dtype.is_floating_point:
             groups.setdefault((t.device, t.dtype), []).append((name, t.detach()))
     for members in groups.values():
-        norms = torch._foreach_norm([t for _, t in members], float("inf"))
+        norms = torch._foreach_norm([t for _, t in members], 2)
         if bool(torch.stack(norms).isfinite().all()):
             continue
-        for (name, t), n in zip(members, norms):  # only a failing bucket pays for this
-            if not bool(n.isfinite()):
+        for (name, t), n in zip(members, norms):  # only a flagged bucket pays for this
+            if not bool(n.isfinite()) and not bool(torch.isfinite(t).all()):
                 return describe_nonfinite(name, t)
     return None
 
