@@ -38,9 +38,10 @@ def _greedy(backend, prompts, n=8):
         return backend.generate(prompts)
 
 
-def _long_generate(backend):
+def _long_generate(backend, n_long: int = len(LONG)):
+    long = [f"prompt number {i} about the sea and the sky" for i in range(n_long)]
     with sampling(backend, temperature=0.0, max_new_tokens=200, ignore_eos=True):
-        return backend.generate(PROMPTS + LONG)
+        return backend.generate(PROMPTS + long)
 
 
 def _wait_dead(pid: int, within: float = 10.0) -> None:
@@ -77,7 +78,7 @@ def _assert_dead_afterwards(b, what: str) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_interrupted_inprocess_generate_leaves_engine_usable(tiny_llama):
+def test_interrupted_inprocess_generate_leaves_engine_usable(tiny_llama, n_long: int = len(LONG)):
     b = get_registry().create_backend(vllm_config(tiny_llama, seq_length=256))
     b.setup()
     try:
@@ -89,7 +90,7 @@ def test_interrupted_inprocess_generate_leaves_engine_usable(tiny_llama):
         t0 = time.monotonic()
         timer.start()
         with pytest.raises(KeyboardInterrupt):
-            _long_generate(b)
+            _long_generate(b, n_long)
             time.sleep(5)  # the batch beat the timer: still raise, but the check below fails
         assert time.monotonic() - t0 < 4.5, "the long batch finished before the interrupt: make it longer"
         assert b.replicas[0].llm.llm_engine.get_num_unfinished_requests() == 0
@@ -224,3 +225,27 @@ def test_weight_channel_waits_say_who_is_missing():
     with pytest.raises(WeightSyncError, match=r"rank 1: no manifest from the sender \(rank 0\) within timeout_s=2 s"):
         ChannelSource(receiver, 7).manifest()
     assert time.monotonic() - t0 < 15
+
+
+# ---- GPU lane (vLLM 0.24): the same glue on the CUDA build -------------------------------------
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+def test_gpu_interrupted_generate_and_killed_engine_core(tiny_llama):
+    """On CUDA vLLM: an interrupted in-process generate leaves the engine usable (a batch big
+    enough to outlast the 1 s timer on a GPU), and a killed engine-core process (TP=1 engine core
+    in its own process) fails the running generate within 30 s naming it."""
+    from genbackends_vllm import compat
+
+    test_interrupted_inprocess_generate_leaves_engine_usable(tiny_llama, n_long=2048)
+    b = get_registry().create_backend(vllm_config(tiny_llama, seq_length=256, vllm={"in_process": False}))
+    b.setup()
+    try:
+        (name, core_pid, _), = compat.engine_core_processes(b.replicas[0].llm)
+        threading.Timer(1.0, os.kill, (core_pid, signal.SIGKILL)).start()
+        t0 = time.monotonic()
+        with pytest.raises(BackendStateError, match=rf"engine core process {name} \(pid {core_pid}\)"):
+            _long_generate(b, 2048)
+        assert time.monotonic() - t0 < 30
+        _assert_dead_afterwards(b, "a killed engine core")
+    finally:
+        b.shutdown()

@@ -211,7 +211,14 @@ class LocalEngine:
             engine = llm.llm_engine
             core = getattr(engine, "engine_core", None)
             if core is not None and hasattr(core, "shutdown"):
-                core.shutdown()
+                import inspect
+
+                if self.dead_reason is not None and "timeout" in inspect.signature(core.shutdown).parameters:
+                    # A dead engine has nothing to finish: SIGKILL what is left after 1 s
+                    # instead of vLLM's default grace period.
+                    core.shutdown(timeout=1.0)
+                else:
+                    core.shutdown()
         finally:
             del llm
             import gc
