@@ -32,7 +32,7 @@ import collections
 import itertools
 import threading
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Literal, Sequence
 
 from pydantic import ValidationError
