@@ -4,6 +4,10 @@ Each one is a fact recorded in the project's ENVIRONMENT notes:
 
 * ``model_parallel_cuda_manual_seed`` needs CUDA: initialise the RNG tracker directly instead;
 * RoPE moves ``inv_freq`` to ``torch.cuda.current_device()``: patch that to the CPU device;
+* MoE (megatron-core 0.16.1): the router, the first-dimension gather/reduce-scatter and the global
+  memory buffer also call ``torch.cuda.current_device()`` (covered by the same patch); without
+  Transformer Engine ``moe_utils.te_general_gemm`` is never defined and the router's gating
+  function raises ``NameError``: set it to None (the plain matmul path);
 * with tied embeddings and PP > 1, megatron copies the last stage's embedding copy ``.cuda()``
   before an all-reduce: during model construction ``Tensor.cuda`` is a no-op on the CPU.
 
@@ -31,6 +35,10 @@ def apply_cpu_workarounds() -> None:
         return
     if not _applied:
         torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
+        from megatron.core.transformer.moe import moe_utils
+
+        if not hasattr(moe_utils, "te_general_gemm"):
+            moe_utils.te_general_gemm = None  # type: ignore[attr-defined]
         _applied = True
     from megatron.core import tensor_parallel
 

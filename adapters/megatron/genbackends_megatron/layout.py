@@ -75,6 +75,10 @@ class ModelDims:
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     max_position_embeddings: int = 4096
+    # Mixture of experts (0 = dense): routed experts, experts per token, one expert's width.
+    num_experts: int = 0
+    moe_top_k: int = 0
+    moe_intermediate_size: int = 0
 
     @classmethod
     def from_hf_config(cls, cfg: Mapping[str, Any] | Any) -> "ModelDims":
@@ -100,10 +104,13 @@ class ModelDims:
             tied=bool(cfg.get("tie_word_embeddings", False)),
             # Qwen2 always has QKV bias; others say so with attention_bias.
             qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
-            qk_norm=arch == "qwen3",
+            qk_norm=arch in ("qwen3", "qwen3_moe"),
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope),
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            num_experts=cfg.get("num_experts") or cfg.get("num_local_experts") or 0,  # transformers 5 writes the latter
+            moe_top_k=cfg.get("num_experts_per_tok") or 0,
+            moe_intermediate_size=cfg.get("moe_intermediate_size") or 0,
         )
 
     def condition(self, when: str | None) -> bool:
@@ -125,6 +132,13 @@ class MegatronParallel:
     # Uneven pipelines (megatron's num_layers_in_first/last_pipeline_stage); None = even split.
     first_stage_layers: int | None = None
     last_stage_layers: int | None = None
+    # Expert parallel size and expert tensor parallel size (None: megatron's default, = tp).
+    ep: int = 1
+    etp: int | None = None
+
+    @property
+    def expert_tp(self) -> int:
+        return self.etp or self.tp
 
     def padded_vocab(self, vocab: int) -> int:
         """Megatron pads the vocab to a multiple of ``make_vocab_size_divisible_by * tp``."""
@@ -202,17 +216,27 @@ def hf_shapes(dims: ModelDims) -> dict[str, tuple[int, ...]]:
         "mlp.gate_proj.weight": (d.intermediate_size, d.hidden_size),
         "mlp.up_proj.weight": (d.intermediate_size, d.hidden_size),
         "mlp.down_proj.weight": (d.hidden_size, d.intermediate_size),
+        "mlp.gate.weight": (d.num_experts, d.hidden_size),
+        "mlp.experts.E.gate_proj.weight": (d.moe_intermediate_size, d.hidden_size),
+        "mlp.experts.E.up_proj.weight": (d.moe_intermediate_size, d.hidden_size),
+        "mlp.experts.E.down_proj.weight": (d.hidden_size, d.moe_intermediate_size),
     }
     out: dict[str, tuple[int, ...]] = {}
     for rule in d.table.rules:
         if not d.condition(rule.when):
             continue
-        layers = range(d.num_layers) if rule.stage == "layer" else [None]
+        layers = range(d.num_layers) if rule.stage in ("layer", "expert") else [None]
+        experts = range(d.num_experts) if rule.stage == "expert" else [None]
         for i in layers:
-            for h in rule.hf:
-                name = h.format(layer=i)
-                out[name] = base[name] if i is None else per_layer[name.split(f"layers.{i}.", 1)[1]]
+            for e in experts:
+                for h in rule.hf:
+                    name = h.format(layer=i, expert=e)
+                    key = _EXPERT_IDX.sub(".experts.E.", name.split(f"layers.{i}.", 1)[1]) if i is not None else name
+                    out[name] = base[name] if i is None else per_layer[key]
     return out
+
+
+_EXPERT_IDX = re.compile(r"\.experts\.\d+\.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,6 +326,34 @@ def _rules(d: ModelDims) -> list[Rule]:
     return [r for r in d.table.rules if d.condition(r.when)]
 
 
+def local_experts(d: ModelDims, par: MegatronParallel) -> int:
+    """Experts per expert-parallel rank (global index = ``ep_rank * local_experts + local``)."""
+    if d.num_experts % par.ep:
+        raise WeightSyncError(f"num_experts {d.num_experts} is not divisible by expert-parallel size {par.ep}")
+    return d.num_experts // par.ep
+
+
+def _expert_specs(d: ModelDims, par: MegatronParallel, p: int, v: int, layers: list[int], shapes: dict,
+                  dtype: torch.dtype) -> dict:
+    """Expert shards of one (pp, vp) chunk, at locations ``(pp, vp, expert_tp_rank, ep_rank)``."""
+    out = {}
+    n_local = local_experts(d, par)
+    etp = par.expert_tp
+    for rule in _rules(d):
+        if rule.stage != "expert":
+            continue
+        for e in range(par.ep):
+            for tr in range(etp):
+                loc = (p, v, tr, e)
+                for li, g in enumerate(layers):
+                    for i in range(n_local):
+                        name = rule.megatron.format(layer=li, expert=i)
+                        hf = tuple(h.format(layer=g, expert=e * n_local + i) for h in rule.hf)
+                        shape, axis, segs = KINDS[rule.kind](d, hf, etp, tr, shapes)
+                        out[(loc, name)] = ParamSpec(name, loc, tuple(shape), axis, tuple(segs), dtype)
+    return out
+
+
 def megatron_layout(d: ModelDims, par: MegatronParallel, dtype: torch.dtype = torch.float32) -> Layout:
     """Every Megatron parameter shard: keys ``((pp, vp, tp), local_name)``.
 
@@ -325,6 +377,8 @@ def megatron_layout(d: ModelDims, par: MegatronParallel, dtype: torch.dtype = to
                 if rule.stage == "layer":
                     items = [(rule.megatron.format(layer=li), tuple(h.format(layer=g) for h in rule.hf))
                              for li, g in enumerate(layers)]
+                elif rule.stage == "expert":
+                    items = []  # see _expert_specs
                 elif (rule.stage == "first" and first) or (rule.stage == "last" and last):
                     items = [(rule.megatron, rule.hf)]
                 else:
@@ -340,6 +394,8 @@ def megatron_layout(d: ModelDims, par: MegatronParallel, dtype: torch.dtype = to
                 # stage's: a replica of embed_tokens (the plan reads one copy, loading fills both).
                 shape, axis, segs = vocab_rows(padded, d.vocab_size, "model.embed_tokens.weight", par.tp, tr, (d.hidden_size,))
                 out[(loc, "output_layer.weight")] = ParamSpec("output_layer.weight", loc, shape, axis, tuple(segs), dtype)
+        if d.num_experts:
+            out.update(_expert_specs(d, par, p, v, layers, shapes, dtype))
     return out
 
 
@@ -383,9 +439,23 @@ def canonical_megatron_name(name: str, d: ModelDims) -> str | None:
     li, rest = (m.group(1), m.group(2)) if m else (None, name)
     for rule in d.table.rules:
         for spelled in (rule.megatron,) + rule.aliases:
+            if rule.stage == "expert":
+                if li is None:
+                    continue
+                # {expert} is the local expert index (SequentialMLP's local_experts.i, TEGroupedMLP's weight<i>)
+                rx = re.escape(spelled.replace("{layer}", li)).replace(re.escape("{expert}"), r"(\d+)")
+                em = re.fullmatch(rx, name)
+                if em:
+                    return rule.megatron.format(layer=li, expert=em.group(1))
+                continue
             pat = spelled.replace("{layer}", "") if li is None else spelled.format(layer=li)
             if pat == name:
                 return rule.megatron.format(layer=li) if li is not None else rule.megatron
     if name == "output_layer.weight" and d.tied:
         return name
+    from genbackends_megatron.tables import GROUPED_MLP_NAMES
+
+    if rest in GROUPED_MLP_NAMES:
+        raise WeightSyncError(f"Megatron parameter {name!r} is a GroupedMLP tensor (all local experts in one); "
+                              "build the model with SequentialMLP (moe_grouped_gemm=False) or TEGroupedMLP")
     raise WeightSyncError(f"Megatron parameter {name!r} is not in the {d.arch} mapping table")

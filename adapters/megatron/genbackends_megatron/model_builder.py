@@ -41,6 +41,8 @@ class MegatronModel:
     pp_rank: int
     tp_rank: int
     dtype: torch.dtype
+    ep_rank: int = 0  # expert-parallel rank (MoE; 0 for dense models)
+    etp_rank: int = 0  # expert-tensor-parallel rank
 
     def named_shards(self) -> dict[Key, torch.Tensor]:
         """This rank's parameters keyed like :func:`layout.megatron_layout` (canonical names).
@@ -49,29 +51,35 @@ class MegatronModel:
         parameter no table knows raises :class:`WeightSyncError` naming it.
         """
         return shards_from_named_parameters(
-            [c.named_parameters() for c in self.chunks], self.dims, self.pp_rank, self.tp_rank)
+            [c.named_parameters() for c in self.chunks], self.dims, self.pp_rank, self.tp_rank, self.ep_rank, self.etp_rank)
 
     def local_layout(self):
         """The layout entries of this rank's shards."""
         mine = {(self.pp_rank, v, self.tp_rank) for v in range(len(self.chunks))}
+        mine |= {(self.pp_rank, v, self.etp_rank, self.ep_rank) for v in range(len(self.chunks))}  # experts
         return {k: s for k, s in megatron_layout(self.dims, self.par, self.dtype).items() if k[0] in mine}
 
 
-def shards_from_named_parameters(chunk_params, dims: ModelDims, pp_rank: int, tp_rank: int) -> dict[Key, torch.Tensor]:
-    """Canonical shard keys for named parameters of each virtual-pipeline chunk."""
+def shards_from_named_parameters(chunk_params, dims: ModelDims, pp_rank: int, tp_rank: int, ep_rank: int = 0,
+                                 etp_rank: int = 0) -> dict[Key, torch.Tensor]:
+    """Canonical shard keys for named parameters of each virtual-pipeline chunk (expert shards at
+    ``(pp, vp, etp_rank, ep_rank)``)."""
     out: dict[Key, torch.Tensor] = {}
     for v, named in enumerate(chunk_params):
         for name, p in named:
             canon = canonical_megatron_name(name, dims)
             if canon is None:
                 continue
-            out[((pp_rank, v, tp_rank), canon)] = p
+            loc = (pp_rank, v, etp_rank, ep_rank) if ".local_experts." in canon else (pp_rank, v, tp_rank)
+            out[(loc, canon)] = p
     return out
 
 
-def init_parallel(tp: int = 1, pp: int = 1, vp: int | None = None, backend: str | None = None) -> None:
+def init_parallel(tp: int = 1, pp: int = 1, vp: int | None = None, backend: str | None = None, *, ep: int = 1,
+                  etp: int | None = None) -> None:
     """Initialise torch.distributed (from RANK/WORLD_SIZE/MASTER_* env if needed) and megatron's
-    model-parallel groups; on the CPU also applies the workarounds of :mod:`cpu_compat`."""
+    model-parallel groups (``ep``/``etp``: expert parallel and expert tensor parallel sizes, MoE);
+    on the CPU also applies the workarounds of :mod:`cpu_compat`."""
     from megatron.core import parallel_state
 
     if not dist.is_initialized():
@@ -83,7 +91,8 @@ def init_parallel(tp: int = 1, pp: int = 1, vp: int | None = None, backend: str 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                             virtual_pipeline_model_parallel_size=vp)
+                                             virtual_pipeline_model_parallel_size=vp,
+                                             expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
     apply_cpu_workarounds()
     if not on_cpu():
         from megatron.core import tensor_parallel
@@ -111,12 +120,28 @@ def transformer_config(dims: ModelDims, par: MegatronParallel, dtype: torch.dtyp
         bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
         attention_softmax_in_fp32=True,
     )
+    if dims.num_experts:
+        kw.update(_moe_config(dims, par))
     if par.first_stage_layers is not None:
         kw["num_layers_in_first_pipeline_stage"] = par.first_stage_layers
     if par.last_stage_layers is not None:
         kw["num_layers_in_last_pipeline_stage"] = par.last_stage_layers
     kw.update(overrides)
     return TransformerConfig(**kw)
+
+
+def _moe_config(dims: ModelDims, par: MegatronParallel) -> dict[str, Any]:
+    """TransformerConfig fields of a Qwen3-MoE-like MoE: softmax router with the top-k
+    probabilities renormalised (HF ``norm_topk_prob``: megatron's softmax after top-k), no aux
+    loss or capacity (inference numerics), SequentialMLP experts, allgather token dispatcher
+    (its collectives all exist on gloo)."""
+    return dict(
+        num_moe_experts=dims.num_experts, moe_router_topk=dims.moe_top_k, moe_ffn_hidden_size=dims.moe_intermediate_size,
+        moe_router_pre_softmax=False, moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
+        moe_grouped_gemm=False, moe_token_dispatcher_type="allgather", moe_router_dtype="fp32",
+        expert_model_parallel_size=par.ep, expert_tensor_parallel_size=par.expert_tp,
+        # (megatron wants sequence parallelism with MoE x TP only when training; callers add it)
+    )
 
 
 def build_model(
@@ -146,9 +171,11 @@ def build_model(
             tp=parallel_state.get_tensor_model_parallel_world_size(),
             pp=parallel_state.get_pipeline_model_parallel_world_size(),
             vp=parallel_state.get_virtual_pipeline_model_parallel_world_size(),
+            ep=parallel_state.get_expert_model_parallel_world_size(),
+            etp=parallel_state.get_expert_tensor_parallel_world_size() if dims.num_experts else None,
         )
     elif init_parallel_state and not parallel_state.model_parallel_is_initialized():
-        init_parallel(par.tp, par.pp, par.vp)
+        init_parallel(par.tp, par.pp, par.vp, ep=par.ep, etp=par.etp)
     apply_cpu_workarounds()
     torch.manual_seed(seed)
     # On GPUs, build on the device (CPU initialisation of an 8B model takes minutes); callers
@@ -161,7 +188,8 @@ def build_model(
 
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=dims.qk_norm)
     else:
-        spec = get_gpt_layer_local_spec(qk_layernorm=dims.qk_norm, normalization="RMSNorm")
+        spec = get_gpt_layer_local_spec(num_experts=dims.num_experts or None, moe_grouped_gemm=False,
+                                        qk_layernorm=dims.qk_norm, normalization="RMSNorm")
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     vp = par.vp or 1
@@ -185,7 +213,9 @@ def build_model(
         for prm in c.parameters():
             if prm.is_floating_point() and (prm.dtype != dtype or prm.device != home):
                 prm.data = prm.data.to(device=home, dtype=dtype)
-    model = MegatronModel(chunks, dims, par, pp_rank, tp_rank, dtype)
+    ep_rank = parallel_state.get_expert_model_parallel_rank() if dims.num_experts else 0
+    etp_rank = parallel_state.get_expert_tensor_parallel_rank() if dims.num_experts else 0
+    model = MegatronModel(chunks, dims, par, pp_rank, tp_rank, dtype, ep_rank, etp_rank)
     _check_layer_numbers(model)
     return model
 

@@ -10,18 +10,21 @@ dimensions (``qkv_bias``, ``qk_norm``, ``untied``).
 Transformer-Engine layer specs fuse the norms into the following linear layer; those spellings are
 ``aliases`` of the local-spec name, so one table serves both specs.
 
-MoE (design, not yet executed: megatron's router needs CUDA): rules would gain an ``{expert}``
-placeholder, e.g. ``decoder.layers.{layer}.mlp.experts.local_experts.{expert}.linear_fc1.weight``
--> ``model.layers.{layer}.mlp.experts.{expert}.{gate_proj,up_proj}.weight`` with kind ``gated``,
-plus ``mlp.router.weight`` -> ``mlp.gate.weight`` (kind ``replicated``); expert-parallel ranks
-would become one more coordinate of a shard's location next to (pp, vp, tp).
+MoE (Qwen3-MoE): expert rules have ``stage="expert"`` and an ``{expert}`` placeholder: the
+Megatron name carries the *local* expert index (``SequentialMLP``'s
+``mlp.experts.local_experts.{expert}``; ``TEGroupedMLP``'s ``mlp.experts.linear_fc1.weight{expert}``
+is an alias), the HF name the *global* one (``ep_rank * local_experts + local``). Expert shards
+live at ``(pp, vp, expert_tp_rank, ep_rank)``, dense ones at ``(pp, vp, tp_rank)``. The router
+(``mlp.router.weight`` -> ``mlp.gate.weight``) is replicated. ``GroupedMLP``'s
+``mlp.experts.weight1/weight2`` (all local experts in one tensor, transposed) are known names
+(:data:`GROUPED_MLP_NAMES`) that a sync refuses with a clear message.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-Stage = Literal["layer", "first", "last"]
+Stage = Literal["layer", "first", "last", "expert"]
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,23 @@ QWEN3 = ArchTable(
     "qwen3", (_EMBED, _IN_NORM, _QKV, _Q_NORM, _K_NORM, _PROJ, _MLP_NORM, _FC1, _FC2, _FINAL_NORM, _OUTPUT)
 )
 
-TABLES: dict[str, ArchTable] = {t.arch: t for t in (LLAMA, QWEN2, QWEN3)}
+_E = _L + "mlp.experts."
+_HE = _H + "mlp.experts.{expert}."
+_ROUTER = Rule(_L + "mlp.router.weight", "replicated", (_H + "mlp.gate.weight",))
+_EXPERT_FC1 = Rule(_E + "local_experts.{expert}.linear_fc1.weight", "gated", (_HE + "gate_proj.weight", _HE + "up_proj.weight"),
+                   stage="expert", aliases=(_E + "linear_fc1.weight{expert}",))
+_EXPERT_FC2 = Rule(_E + "local_experts.{expert}.linear_fc2.weight", "row", (_HE + "down_proj.weight",),
+                   stage="expert", aliases=(_E + "linear_fc2.weight{expert}",))
+# Qwen3-MoE: Qwen3 attention (q/k norms), every layer sparse, no shared expert.
+QWEN3_MOE = ArchTable(
+    "qwen3_moe",
+    (_EMBED, _IN_NORM, _QKV, _Q_NORM, _K_NORM, _PROJ, _MLP_NORM, _ROUTER, _EXPERT_FC1, _EXPERT_FC2, _FINAL_NORM, _OUTPUT),
+)
+# megatron-core's legacy GroupedMLP holds all local experts in two tensors ([hidden, E*2*I/etp] and
+# [E*I/etp, hidden]); recognised so that a sync can refuse it by name instead of "unknown parameter".
+GROUPED_MLP_NAMES = ("mlp.experts.weight1", "mlp.experts.weight2")
+
+TABLES: dict[str, ArchTable] = {t.arch: t for t in (LLAMA, QWEN2, QWEN3, QWEN3_MOE)}
 
 
 def table_for(arch: str) -> ArchTable:
