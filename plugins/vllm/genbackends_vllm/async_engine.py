@@ -32,6 +32,7 @@ each sync (exact in keep mode: the engine produces nothing while paused).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import threading
 from pathlib import Path
@@ -78,6 +79,7 @@ class VLLMRolloutEngine(RolloutEngine):
         self.llm: Any = None
         self._group: Any = None  # weight-sync group with the engine's workers (first tensor sync)
         self.native_versions = False
+        self.reset_running = True
         try:
             self._call(self._start())
         except Exception:
@@ -108,6 +110,9 @@ class VLLMRolloutEngine(RolloutEngine):
         self.native_versions = "weight_versions" in getattr(CompletionOutput, "__dataclass_fields__", {}) and hasattr(
             self.llm, "update_weight_version"
         )
+        # Feature probe (not a version check): can a sync preempt running requests itself? If
+        # not, keep-mode pauses clear the cache up front (which preempts them at pause time).
+        self.reset_running = "reset_running_requests" in inspect.signature(self.llm.reset_prefix_cache).parameters
         if self.native_versions:
             await self.llm.update_weight_version(str(self.weight_version))
 
@@ -206,7 +211,7 @@ class VLLMRolloutEngine(RolloutEngine):
 
     async def _pause(self, mode: str) -> None:
         # keep: no cache clearing here; a sync resets (and so recomputes) the frozen requests' KV
-        await self._acall(self.llm.pause_generation(mode=mode, clear_cache=(mode != "keep")))
+        await self._acall(self.llm.pause_generation(mode=mode, clear_cache=(mode != "keep" or not self.reset_running)))
 
     async def _resume(self) -> None:
         await self._acall(self.llm.resume_generation())
@@ -303,7 +308,10 @@ class VLLMRolloutEngine(RolloutEngine):
             ) from e
         with timer.phase("reset_cache"):
             # Preempt frozen requests: their KV (and cached prefixes) came from the old weights.
-            self._call(self.llm.reset_prefix_cache(reset_running_requests=True))
+            if self.reset_running:
+                self._call(self.llm.reset_prefix_cache(reset_running_requests=True))
+            else:
+                self._call(self.llm.reset_prefix_cache())
         return SyncReport(
             path="folder" if folder is not None else "hf",
             transport=transport,
