@@ -104,7 +104,7 @@ def test_sync_parity_both_paths(layout, models, tmp_path):
     assert {e["arch"] for e in res["exports"]} == set(exports)
     if bad:
         assert {(b["case"], b["path"]) for b in res["bad_inputs"]} == {
-            (c, p) for c in ("wrong_shape", "missing_layer", "unknown_name") for p in ("universal", "direct")}
+            (c, p) for c in ("wrong_shape", "missing_layer", "nonfinite", "unknown_name") for p in ("universal", "direct")}
         for b in res["bad_inputs"]:
             assert b["names_it"] and b["engine_unchanged"], b
     if layout == (1, 1):

@@ -107,3 +107,21 @@ def test_writer_on_a_real_engine_equals_transformers(tiny_llama, tiny_llama_alt)
         assert worst_after < 1e-4
     finally:
         backend.shutdown()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_widened_strided_copy_moves_the_same_bytes(dtype):
+    from genbackends_vllm.direct_writer import _strided, _widen
+
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(4 * 6, 32, generator=g).to(dtype)  # 4 groups of [q q q q k v] rows
+    dst = torch.zeros(4 * 4, 32, dtype=dtype)
+    ref = dst.clone()
+    s_v, d_v = _strided(src, 0, 0, 4, 4, 6), _strided(dst, 0, 0, 4, 4, 4)
+    _strided(ref, 0, 0, 4, 4, 4).copy_(s_v)
+    wd, ws = _widen(d_v, s_v)
+    assert wd.dtype == torch.int64 and ws.dtype == torch.int64  # the strided pair was widened
+    wd.copy_(ws)
+    assert torch.equal(dst, ref)
+    odd = torch.zeros(4 * 4, 3, dtype=dtype)  # rows not a multiple of 8 bytes: left alone
+    assert _widen(_strided(odd, 0, 0, 4, 4, 4), _strided(torch.zeros(24, 3, dtype=dtype), 0, 0, 4, 4, 6))[0].dtype == dtype

@@ -50,7 +50,8 @@ def test_sync_paths_follow_new_weights(backend, ids, refs, tiny_llama, tiny_llam
     report = backend.sync_weights(src)
     assert report.path == ("hf" if how == "hf_tensors" else "folder")
     if how == "hf_tensors":
-        assert report.transport == "direct_load"  # a second load_weights is allowed on GPUs
+        # in-process GPU engine: the published layout's writer, not vLLM's load_weights
+        assert report.transport == "layout_writer"
     assert_bf16_close(engine_prompt_logprobs(backend, ids), refs["alt"], f"after {how} sync")
     backend.sync_weights(weights(tiny_llama))
     assert_bf16_close(engine_prompt_logprobs(backend, ids), refs["base"], "after sync back")
@@ -65,3 +66,32 @@ def test_rejected_sync_leaves_outputs_unchanged(backend, ids, tiny_llama_alt):
         backend.sync_weights(bad)
     # nothing was written (layer 0 included): a partial write of the alt weights moves these by nats
     assert diffs(engine_prompt_logprobs(backend, ids), before)[0] < 1e-4
+
+
+def _engine_params(model, tp_rank):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _load_weights(model, tp_rank, pairs):
+    model.load_weights(iter(pairs))
+    return len(pairs)
+
+
+def test_layout_writer_equals_load_weights_bitwise(backend, tiny_llama, tiny_llama_alt):
+    """The HF-tensor sync writes the same bytes to the same places as vLLM's own loader."""
+    alt = weights(tiny_llama_alt)
+    backend.sync_weights(weights(tiny_llama))
+    report = backend.sync_weights(alt)
+    assert report.transport == "layout_writer"
+    ours = backend.run_on_workers(_engine_params)[0]
+    backend.sync_weights(weights(tiny_llama))  # other values in between: the check can fail
+    backend.run_on_workers(_load_weights, list(alt.items()))
+    theirs = backend.run_on_workers(_engine_params)[0]
+    assert set(ours) == set(theirs)
+    vocab = alt["model.embed_tokens.weight"].shape[0]
+    for name in ours:
+        a, b = ours[name], theirs[name]
+        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            a, b = a[:vocab], b[:vocab]  # padding rows: we zero them, vLLM's loader leaves them
+        assert torch.equal(a, b), name
+    backend.sync_weights(weights(tiny_llama))

@@ -112,7 +112,8 @@ def _worker(rank: int, spec: dict) -> None:
 
 
 def _bad_inputs(model: Any, src: Any, backend: Any, rank: int) -> list[dict]:
-    """Wrong shard shape, missing layer, unknown name: rejected on both paths, engine unchanged."""
+    """Wrong shard shape, missing layer, NaN in a shard, unknown name: rejected on both paths,
+    engine unchanged."""
     import torch
 
     from genbackends.errors import WeightSyncError
@@ -144,6 +145,14 @@ def _bad_inputs(model: Any, src: Any, backend: Any, rank: int) -> list[dict]:
     chunk.decoder.layers = torch.nn.ModuleList(list(layers)[:-1])
     attempt("missing_layer", f"decoder.layers.{len(layers) - 1}.")
     chunk.decoder.layers = layers
+
+    w = layers[0].mlp.linear_fc1.weight
+    saved = w.detach().flatten()[7].clone()
+    with torch.no_grad():
+        w.view(-1)[7] = float("nan")  # NaN in a shard: refused by the finite check on both paths
+    attempt("nonfinite", "NaN")
+    with torch.no_grad():
+        w.view(-1)[7] = saved
 
     layers[0].mlp.register_parameter("mystery_scale", torch.nn.Parameter(torch.ones(3)))
     attempt("unknown_name", "mystery_scale")

@@ -349,7 +349,10 @@ class VLLMBackend(AsyncRolloutsMixin, GenerationBackend):
         self._require_ready()
         from genbackends_vllm.direct_writer import apply_writes
 
-        return apply_writes(self, ops, sources, plan_id=plan_id, transport=transport, dtype=dtype)
+        # The finite check of a direct sync runs here, on the tensors the writes read, when the
+        # sync asked for it (single trainer process: a refusal leaves nothing written anywhere).
+        check = bool(getattr(self, "_direct_check_finite", False))
+        return apply_writes(self, ops, sources, plan_id=plan_id, transport=transport, dtype=dtype, check_finite=check)
 
     def engine_layout(self) -> dict[str, Any]:
         """TP size and, per TP rank, the engine parameters' names, shapes and dtypes (of replica 0;

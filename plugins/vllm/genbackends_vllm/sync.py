@@ -184,7 +184,9 @@ def _sync_direct(backend: Any, source: Any, timer: PhaseTimer, *, collective: bo
     def write() -> dict:
         with timer.phase("write"):
             if collective:
-                return source.write_direct(backend, collective=True, refusal=refusal) or {}
+                # each trainer rank checks its own shards for NaN/Inf before the agreement
+                return source.write_direct(backend, collective=True, refusal=refusal,
+                                           check_finite=backend.options.check_finite) or {}
             return source.write_direct(backend) or {}
 
     if refusal is not None:
@@ -192,10 +194,26 @@ def _sync_direct(backend: Any, source: Any, timer: PhaseTimer, *, collective: bo
         # trainer rank and raises before any byte moves; no snapshot of weights that may be asleep.
         write()
         raise refusal
-    # atomic like the HF-named path: what the source's HF names touch is snapshotted and restored
-    # if write_direct raises (genbackends_vllm.atomic.run_restorable)
-    details, snap_details = run_restorable(backend, _hf_names(source), timer, write)
-    invalidate_caches(backend, timer, accepted=True, checked=False)
+    opt = backend.options
+    in_process = all(getattr(r, "in_process", False) for r in backend.replicas)
+    if not collective and in_process:
+        # One trainer process, engine in this process: the plan was validated against the
+        # published layout, the shards checked, and the writer checks them for NaN/Inf before its
+        # first copy; what follows is plain device copies that cannot stop halfway. Atomic by
+        # validation, without a snapshot (as for HF tensors that already exist).
+        backend._direct_check_finite = opt.check_finite
+        try:
+            details = write()
+        finally:
+            backend._direct_check_finite = False
+        snap_details: dict = {"atomic": "prevalidated"}
+        checked = opt.check_finite
+    else:
+        # atomic like the HF-named path: what the source's HF names touch is snapshotted and
+        # restored if write_direct raises (genbackends_vllm.atomic.run_restorable)
+        details, snap_details = run_restorable(backend, _hf_names(source), timer, write)
+        checked = collective and opt.check_finite
+    invalidate_caches(backend, timer, accepted=True, checked=checked)
     inner = details.get("details", details) if collective else details
     return SyncReport(
         path="direct",
