@@ -9,7 +9,7 @@
 3. A worker process killed before a sync: the sync says which worker died and that nothing was
    sent, within 30 s (it used to wait 300 s on a gloo store and then claim mixed weights).
 
-The TP=2 cases need a fresh engine each (they kill it). The engine starts in a fixture, outside
+Each engine case needs a fresh engine (it kills or interrupts it). The engine starts in a fixture, outside
 the pytest timeout (``func_only``: start-up time on a loaded 2-core machine varies from 15 s to
 minutes and vLLM bounds it itself); the timeout bounds what is tested, the 30 s bounds are asserted.
 """
@@ -77,29 +77,37 @@ def _assert_dead_afterwards(b, what: str) -> None:
     assert time.monotonic() - t0 < 30, f"shutdown after {what} took {time.monotonic() - t0:.1f} s"
 
 
-@pytest.mark.timeout(120)
-def test_interrupted_inprocess_generate_leaves_engine_usable(tiny_llama, n_long: int = len(LONG)):
+@pytest.fixture
+def inproc_backend(tiny_llama):
+    """A fresh in-process engine (TP=1, engine core in this process)."""
     b = get_registry().create_backend(vllm_config(tiny_llama, seq_length=256))
     b.setup()
-    try:
-        before = [r.token_ids for r in _greedy(b, PROMPTS)]
-        ref = HFReference(tiny_llama)
-        assert before == [ref.greedy(d["input_ids"], 8) for d in b.build_dataset(PROMPTS)]
+    yield b
+    b.shutdown()
 
-        timer = threading.Timer(1.0, _thread.interrupt_main)  # Ctrl-C one second into the batch
-        t0 = time.monotonic()
-        timer.start()
-        with pytest.raises(KeyboardInterrupt):
-            _long_generate(b, n_long)
-            time.sleep(5)  # the batch beat the timer: still raise, but the check below fails
-        assert time.monotonic() - t0 < 4.5, "the long batch finished before the interrupt: make it longer"
-        assert b.replicas[0].llm.llm_engine.get_num_unfinished_requests() == 0
 
-        after = _greedy(b, PROMPTS)
-        assert [r.prompt for r in after] == PROMPTS  # none of the interrupted batch's leftovers
-        assert [r.token_ids for r in after] == before
-    finally:
-        b.shutdown()
+def _check_interrupt(b, model, n_long: int = len(LONG)) -> None:
+    before = [r.token_ids for r in _greedy(b, PROMPTS)]
+    ref = HFReference(model)
+    assert before == [ref.greedy(d["input_ids"], 8) for d in b.build_dataset(PROMPTS)]
+
+    timer = threading.Timer(1.0, _thread.interrupt_main)  # Ctrl-C one second into the batch
+    t0 = time.monotonic()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        _long_generate(b, n_long)
+        time.sleep(5)  # the batch beat the timer: still raise, but the check below fails
+    assert time.monotonic() - t0 < 4.5, "the long batch finished before the interrupt: make it longer"
+    assert b.replicas[0].llm.llm_engine.get_num_unfinished_requests() == 0
+
+    after = _greedy(b, PROMPTS)
+    assert [r.prompt for r in after] == PROMPTS  # none of the interrupted batch's leftovers
+    assert [r.token_ids for r in after] == before
+
+
+@pytest.mark.timeout(120, func_only=True)
+def test_interrupted_inprocess_generate_leaves_engine_usable(inproc_backend, tiny_llama):
+    _check_interrupt(inproc_backend, tiny_llama)
 
 
 @pytest.mark.slow
@@ -236,7 +244,12 @@ def test_gpu_interrupted_generate_and_killed_engine_core(tiny_llama):
     in its own process) fails the running generate within 30 s naming it."""
     from genbackends_vllm import compat
 
-    test_interrupted_inprocess_generate_leaves_engine_usable(tiny_llama, n_long=2048)
+    inproc = get_registry().create_backend(vllm_config(tiny_llama, seq_length=256))
+    inproc.setup()
+    try:
+        _check_interrupt(inproc, tiny_llama, n_long=2048)
+    finally:
+        inproc.shutdown()
     b = get_registry().create_backend(vllm_config(tiny_llama, seq_length=256, vllm={"in_process": False}))
     b.setup()
     try:
