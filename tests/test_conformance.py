@@ -63,6 +63,9 @@ def run_kit(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory):
             env["PYTHONPATH"] = str(site)
         env["GENBACKENDS_PLUGINS"] = backend
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        # one intra-op thread: on a busy 2-core CI machine torch's spinning OpenMP workers cost
+        # more CPU than the kit's tiny forwards (torchkv run: 37 s CPU with the default, 11 s with 1)
+        env["OMP_NUM_THREADS"] = "1"
         if module:  # the python -m genbackends.testing wrapper
             cmd = [sys.executable, "-m", "genbackends.testing", "--backend", backend, "--model", str(tiny_llama), *args,
                    "-p", "no:cacheprovider", "-q", "--tb=line"]
