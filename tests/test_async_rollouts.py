@@ -106,8 +106,16 @@ def test_completion_order_accounting_and_parity(backend, refs):
     with pytest.raises(ConfigError, match="top_p"):
         backend.submit("a b", sampling={"top_p": 2.0})
     lengths = [24, 2, 12, 6]
-    ids = backend.submit([{"prompt": f"the cat sat on mat {i}", "sampling": {"max_new_tokens": n}} for i, n in enumerate(lengths)])
-    recs = asyncio.run(_drain(backend))
+
+    async def go() -> tuple[list[str], list[Any]]:
+        # submitted while paused, so all four start in the same engine step
+        await backend.pause("keep")
+        ids = backend.submit([{"prompt": f"the cat sat on mat {i}", "sampling": {"max_new_tokens": n}}
+                              for i, n in enumerate(lengths)])
+        await backend.resume()
+        return ids, await _drain(backend)
+
+    ids, recs = asyncio.run(go())
     assert sorted(r.request_id for r in recs) == sorted(ids) and len(recs) == len(ids)
     assert [len(r.token_ids) for r in recs] == sorted(lengths)
     for r in recs:

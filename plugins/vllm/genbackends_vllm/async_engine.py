@@ -214,7 +214,17 @@ class VLLMRolloutEngine(RolloutEngine):
         await self._acall(self.llm.pause_generation(mode=mode, clear_cache=(mode != "keep" or not self.reset_running)))
 
     async def _resume(self) -> None:
-        await self._acall(self.llm.resume_generation())
+        async def go() -> None:
+            # Requests submitted while paused start together: let their adds reach the engine
+            # core first (they travel on the same socket as the resume, so they then come first).
+            for _ in range(2000):
+                if self.llm.get_num_unfinished_requests() >= len(self._tasks):
+                    break
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.01)
+            await self.llm.resume_generation()
+
+        await self._acall(go())
 
     def _version_changed(self) -> None:
         if self.native_versions:
