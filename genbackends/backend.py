@@ -189,6 +189,12 @@ class GenerationBackend(ABC):
         The returned report reaches ``genbackends_on_after_sync`` (fired by the base class).
         """
 
+    def expected_weights(self) -> dict[str, tuple[int, ...]] | None:
+        """HF names and shapes a sync may contain (tied weights under both names), or ``None``
+        when the backend does not publish them. Weight adapters call it to refuse a bad sync on
+        every trainer rank before any byte moves; override it (the base says ``None``)."""
+        return None
+
     # ---- convenience -----------------------------------------------------------------------
     def generate(
         self,

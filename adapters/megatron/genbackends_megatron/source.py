@@ -40,7 +40,9 @@ class MegatronWeightSource:
     """
 
     # The direct path writes through the backend's own writer (``apply_writes``), which re-packs
-    # what it writes where the engine repacks its weights after loading (CPU engines).
+    # what it writes where the engine repacks its weights after loading (CPU engines). The source
+    # half of the capability ``direct_requires_repacking``: backends declaring it take the direct
+    # path only from sources declaring this.
     handles_repacked_cpu_weights = True
 
     def __init__(self, model: MegatronModel, *, engine_ranks: Sequence[int] = (0,), bucket_bytes: int | None = None,
@@ -178,9 +180,11 @@ class MegatronWeightSource:
                 self.write_direct(None, collective=True, check_finite=check_finite)
         else:
             err = self.check_local()
-            if has_engine and err is None and hasattr(backend, "expected_weights"):
-                try:
-                    validate_manifest(self.manifest(), backend.expected_weights())
+            if has_engine and err is None:
+                try:  # the contract's expected_weights() is None where a backend publishes no names
+                    expected = backend.expected_weights()
+                    if expected is not None:
+                        validate_manifest(self.manifest(), expected)
                 except WeightSyncError as e:
                     err = str(e)
             agree(err)
