@@ -95,11 +95,12 @@ def sync_call(backend: Any, source: Any) -> Any:
     """Run a sync the way a trainer does. For a :class:`_PathSource` that is the adapter's own
     driver, ``MegatronWeightSource.sync(backend, path=...)``: ``universal`` hands HF-named
     buckets to ``backend.sync_weights``; ``direct`` validates a plan against the engine's own
-    parameters and writes into them (an error for backends that expose no engine layout)."""
+    parameters and writes into them (an error for backends whose capabilities offer no
+    ``direct`` sync path)."""
     if not isinstance(source, _PathSource):
         return backend.sync_weights(source)
-    if source.path == "direct" and not (hasattr(backend, "engine_layout") and hasattr(backend, "run_on_workers")):
-        raise NotImplementedError(f"backend {backend.name!r} offers no direct write target (engine_layout/run_on_workers)")
+    if source.path == "direct" and not backend.capabilities().offers("direct"):
+        raise NotImplementedError(f"backend {backend.name!r} offers no direct write target (capabilities: no 'direct' sync path)")
     report = source.source.sync(backend, path=source.path)
     if report is None:  # pragma: no cover - single process: this rank always hosts the engine
         raise RuntimeError("the adapter returned no report on the engine rank")
