@@ -40,6 +40,7 @@ from pydantic import ValidationError
 from genbackends.config import SamplingConfig
 from genbackends.errors import BackendStateError, ConfigError, PromptError
 from genbackends.records import GenerationRecord
+from genbackends.sampling_rules import greedy_n_problem
 
 PauseMode = Literal["abort", "wait", "keep"]
 PAUSE_MODES: tuple[str, ...] = ("abort", "wait", "keep")
@@ -61,8 +62,9 @@ def resolve_sampling(base: SamplingConfig, overrides: dict[str, Any] | None, whe
         raise ConfigError(f"{where}.{loc}: {err['msg']} (got {err.get('input')!r})") from None
     if sp.use_beam_search:
         raise ConfigError(f"{where}.use_beam_search: beam search is not offered by asynchronous rollouts")
-    if sp.n > 1 and sp.temperature == 0:
-        raise ConfigError(f"{where}.n: n={sp.n} needs temperature > 0 (greedy gives one completion)")
+    problem = greedy_n_problem(sp)  # the shared rule (genbackends.sampling_rules), not a copy
+    if problem:
+        raise ConfigError(f"{where}: {problem}")
     return sp
 
 
