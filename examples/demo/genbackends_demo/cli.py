@@ -19,6 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sync-path", dest="sync_path", choices=["auto", "universal", "direct"])
     p.add_argument("--master-port", dest="master_port", type=int)
     p.add_argument("--json", dest="json_out", help="also write per-phase results as JSON")
+    p.add_argument("--async", dest="async_mode", action="store_true", default=None,
+                   help="asynchronous rounds: stream records, sync while long responses are in flight")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -26,7 +28,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     from genbackends_demo.config import load_demo_config
     from genbackends_demo.launch import launch
 
-    keys = ("backend", "device", "tp", "phases", "steps_per_phase", "lr", "sync_path", "placement", "master_port", "json_out")
+    keys = ("backend", "device", "tp", "phases", "steps_per_phase", "lr", "sync_path", "placement", "master_port", "json_out", "async_mode")
     try:
         cfg = load_demo_config(args.config, {k: getattr(args, k, None) for k in keys})
         if cfg.device == "cuda":

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from genbackends.config import format_validation_error
 from genbackends.errors import ConfigError
@@ -45,6 +45,24 @@ class DemoConfig(BaseModel):
     master_port: int = Field(29900, ge=1024, le=65535)
     work_dir: str | None = Field(None, description="where the tiny HF model folder goes (default: a temp dir)")
     json_out: str | None = Field(None, description="also write the per-phase results as JSON here")
+    async_mode: bool = Field(
+        False,
+        description="asynchronous rounds (genbackends demo --async): records consumed as they finish, a "
+        "pause('keep') -> sync -> resume() while long responses are in flight (docs/async.md)",
+    )
+    async_short_tokens: int = Field(8, ge=1, description="async mode: length of most responses")
+    async_long_tokens: int = Field(80, ge=2, description="async mode: length of the long tail (~10x the short ones)")
+    async_long_requests: int = Field(2, ge=1, description="async mode: how many long responses per round")
+
+    @model_validator(mode="after")
+    def _async_placement(self) -> "DemoConfig":
+        if self.async_mode and self.placement == "colocated":
+            raise ValueError("placement: asynchronous rollouts run on one engine on trainer rank 0; "
+                             "use placement rank0 (or auto) with async_mode")
+        if self.async_mode and self.async_long_tokens <= self.async_short_tokens:
+            raise ValueError(f"async_long_tokens ({self.async_long_tokens}) must exceed async_short_tokens "
+                             f"({self.async_short_tokens}): the long tail is what the sync lands in")
+        return self
 
     def resolved_tp(self) -> int:
         """TP size: the configured one, else 2 when the machine has 2 cores (CPU) or 2 GPUs."""
@@ -61,6 +79,8 @@ class DemoConfig(BaseModel):
         """``colocated`` or ``rank0`` (see ``placement``)."""
         if self.placement != "auto":
             return self.placement
+        if self.async_mode:
+            return "rank0"  # the asynchronous engines are local (AsyncLLM / the HF scheduler thread)
         return "colocated" if self.backend == "vllm" and tp > 1 else "rank0"
 
 

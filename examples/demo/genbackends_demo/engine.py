@@ -26,7 +26,7 @@ def backend_config(cfg: DemoConfig, model_dir: Path, world: int = 1, placement: 
     return GenConfig.model_validate({
         "backend": cfg.backend,
         "model": str(model_dir),
-        "seq_length": 96,
+        "seq_length": max(96, cfg.async_long_tokens + 32) if cfg.async_mode else 96,
         "dtype": "float32",
         "device": cfg.device,
         "sampling": {"temperature": 0.0, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
@@ -61,8 +61,34 @@ class GenerationSide:
         t0 = time.perf_counter()
         self.backend = get_registry().create_backend(
             backend_config(self.cfg, self.model_dir, self.world, self.placement))
-        self.backend.setup()
+        if self.cfg.async_mode:
+            if not self.backend.capabilities().async_generation:
+                from genbackends.errors import ConfigError
+
+                raise ConfigError(f"--async: backend {self.cfg.backend!r} does not offer asynchronous generation")
+            if self.cfg.backend != "vllm":
+                self.backend.setup()
+            # vllm: start_async() before setup() makes AsyncLLM the backend's only engine (docs/async.md)
+            self.backend.start_async()
+        else:
+            self.backend.setup()
         return time.perf_counter() - t0
+
+    def sync_async(self, model: Any) -> dict[str, Any] | None:
+        """The asynchronous mode's sync (collective; rank 0 calls it between ``pause("keep")``
+        and ``resume()``): the universal path, which the asynchronous engines load; no probe
+        (prompt logprobs need the synchronous engine: the demo checks sampled tokens instead)."""
+        from genbackends_megatron import make_source
+
+        if self.source is None:
+            self.source = make_source(model, engine_ranks=self.engine_ranks)
+        t0 = time.perf_counter()
+        report = self.source.sync(self.backend if self.is_engine else None, path="universal")
+        if report is None:
+            return None
+        out = report.to_dict()
+        out["sync_and_verify_s"] = time.perf_counter() - t0
+        return out
 
     def sync_path(self) -> str:
         """``direct`` writes straight into engine parameters where the backend allows it (GPU

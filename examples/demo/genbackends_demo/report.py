@@ -59,3 +59,42 @@ def to_json(results: list[PhaseResult], meta: dict[str, Any]) -> str:
     from dataclasses import asdict
 
     return json.dumps({**meta, "phases": [asdict(r) for r in results]}, indent=2, default=str)
+
+
+def async_round_text(r: Any, backend: str) -> str:
+    """The block printed after each asynchronous round (``genbackends demo --async``)."""
+    lines = [f"\n=== async round {r.phase}: {r.steps} Adam steps ({r.train_s:.1f}s) overlapping generation; "
+             f"corpus loss {r.loss_before:.3f} -> {r.loss_after:.3f}"]
+    lines.append(f"    trainer started at {r.train_start_at:.2f}s (after the short rollouts), done at {r.train_end_at:.2f}s; "
+                 f"pause at {r.pause_at:.2f}s{' (staleness bound)' if r.paused_early else ''} with "
+                 f"{r.in_flight_at_pause} request(s) in flight")
+    s = r.sync or {}
+    lines.append(f"    pause('keep') {r.pause_s * 1e3:.0f} ms -> sync_weights -> {backend} v{r.old_version}->v{r.new_version} "
+                 f"({s.get('num_tensors')} tensors, {_kib(s.get('bytes_moved'))}) {r.sync_s * 1e3:.0f} ms "
+                 f"-> resume() {r.resume_s * 1e3:.0f} ms")
+    lines.append("    consumed (completion order): " + ", ".join(
+        f"{x['request_id']}@{x['consumed_at']:.2f}s[{len(x['token_ids'])} tok, v{'/'.join(str(v) for _, v in x['weight_versions']) or '?'}]"
+        for x in r.records))
+    p = r.parity
+    for half in ("old", "new"):
+        h = p.get(half) or {}
+        lines.append(f"    parity, tokens of the {half} weights vs the trainer on the {half} weights ({h.get('num_tokens', 0)} tokens): "
+                     f"max |diff| {h.get('max_abs_diff', 0):.2e}, mean {h.get('mean_abs_diff', 0):.2e}")
+    for sp in p.get("spanning", []):
+        lines.append(f"    {sp['request_id']} spans the sync at token {sp['sync_token_index']} of {sp['tokens']}: "
+                     f"old half {sp['old_half_max_abs_diff']:.1e}, new half {sp['new_half_max_abs_diff']:.1e} "
+                     f"(new half on the old weights: {sp['new_half_on_old_weights_max_abs_diff']:.1e})")
+    return "\n".join(lines)
+
+
+def async_summary_text(results: list[Any], backend: str, tp: int, start_s: float, total_s: float) -> str:
+    """The closing table of the asynchronous mode: one row per round."""
+    rows = ["", f"summary ({backend} backend, async, Megatron TP {tp}, engine start {start_s:.1f}s, total {total_s:.1f}s)",
+            "| round | corpus loss | spanning records | pause ms | sync ms | resume ms | old-half max diff | new-half max diff |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        p = r.parity
+        rows.append(f"| {r.phase} | {r.loss_after:.3f} | {p.get('spanning_records', 0)} | {r.pause_s * 1e3:.0f} | "
+                    f"{r.sync_s * 1e3:.0f} | {r.resume_s * 1e3:.0f} | {p['old']['max_abs_diff']:.1e} | "
+                    f"{p['new']['max_abs_diff']:.1e} |")
+    return "\n".join(rows)

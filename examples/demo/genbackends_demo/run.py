@@ -66,6 +66,8 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, model_dir: str) -> list[Any
     where = f"colocated in the {world} trainer ranks (vLLM TP {world})" if placement == "colocated" else "on trainer rank 0"
     say(f"{cfg.backend} backend ready in {start_s:.1f}s, {where}")
     results = []
+    if cfg.async_mode:
+        return _run_async(rank, world, cfg, trainer, gen, batch, start_s, t_start, say)
     try:
         for phase in range(cfg.phases + 1):
             steps = 0 if phase == 0 else cfg.steps_per_phase
@@ -87,6 +89,28 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, model_dir: str) -> list[Any
     if rank == 0 and cfg.json_out:
         Path(cfg.json_out).write_text(to_json(results, {"backend": cfg.backend, "tp": world, "device": cfg.device,
                                                          "engine_start_s": start_s, "total_s": total}))
+    return results if rank == 0 else None
+
+
+def _run_async(rank: int, world: int, cfg: DemoConfig, trainer: Any, gen: Any, batch: Any, start_s: float,
+               t_start: float, say: Any) -> list[Any] | None:
+    """``--async``: one asynchronous round per training phase (``async_round.py``)."""
+    from genbackends_demo.async_round import run_async_round
+    from genbackends_demo.report import async_round_text, async_summary_text, to_json
+
+    results = []
+    try:
+        for phase in range(1, cfg.phases + 1):
+            res = run_async_round(phase, cfg.steps_per_phase, trainer, gen, batch)
+            results.append(res)
+            say(async_round_text(res, cfg.backend))
+    finally:
+        gen.shutdown()
+    total = time.perf_counter() - t_start
+    say(async_summary_text(results, cfg.backend, world, start_s, total))
+    if rank == 0 and cfg.json_out:
+        Path(cfg.json_out).write_text(to_json(results, {"backend": cfg.backend, "tp": world, "device": cfg.device,
+                                                         "async": True, "engine_start_s": start_s, "total_s": total}))
     return results if rank == 0 else None
 
 
