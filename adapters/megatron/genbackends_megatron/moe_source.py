@@ -1,0 +1,198 @@
+"""The universal (HF-named) weight source over a live Megatron mixture-of-experts model.
+
+A MoE model is sharded along more axes than a dense one: attention and norms by tensor parallel
+(TP) x pipeline (PP), the experts by expert parallel (EP: which experts a rank holds) x expert
+tensor parallel (ETP: a slice of each of them) x PP. The layout
+(:func:`genbackends_megatron.layout.megatron_layout`) keys dense shards ``(pp, vp, tp)`` and
+expert shards ``(pp, vp, etp, ep)``; the plan against full HF tensors says which slices make each
+HF tensor (``mlp.experts.<global>.{gate,up,down}_proj.weight``, global = ep_rank * local + i).
+
+Per *unit* (one Megatron parameter, all its TP or ETP shards), in plan order on every trainer rank:
+the ranks owning the shards (data-parallel / expert-data-parallel rank 0) send them to the engine
+rank, which cuts them into HF tensors and yields them in buckets to ``backend.sync_weights``.
+Every rank walks the same units in the same order, so the point-to-point messages pair up.
+
+Use :meth:`MegatronMoEWeightSource.sync` on every trainer rank (``backend`` on the engine rank,
+None elsewhere).
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+from genbackends.errors import WeightSyncError
+from genbackends.weights import SyncReport, TensorSpec, validate_manifest
+from genbackends_megatron.layout import hf_layout, hf_shapes, megatron_layout
+from genbackends_megatron.model_builder import MegatronModel
+from genbackends_megatron.plan import Piece, make_plan
+from genbackends_megatron.topology import agree, all_gather_objects
+
+Key = tuple[tuple[int, ...], str]
+
+
+def unit_of(key: Key) -> tuple:
+    """The unit a shard belongs to: its location without the TP (dense) or ETP (expert) rank."""
+    loc, name = key
+    return (loc[:2] + loc[3:], name)
+
+
+class MegatronMoEWeightSource:
+    """A :class:`~genbackends.weights.WeightSource` of HF-named tensors over a Megatron MoE
+    model spread over TP x EP x ETP x PP (x DP) gloo/NCCL ranks.
+
+    ``engine_rank``: the global trainer rank hosting the engine (receives every tensor).
+    ``bucket_bytes``: cap of one bucket. Construction is collective (ranks exchange coordinates).
+    """
+
+    def __init__(self, model: MegatronModel, *, engine_rank: int = 0, bucket_bytes: int | None = None):
+        self.model = model
+        self.dims, self.par, self.dtype = model.dims, model.par, model.dtype
+        self.engine_rank = engine_rank
+        self.bucket_bytes = bucket_bytes
+        self.layout = megatron_layout(self.dims, self.par, self.dtype)
+        self.plan = make_plan(self.layout, hf_layout(self.dims, self.dtype))
+        self.units = _units(self.plan.pieces)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.owner = _owners(self.layout)
+        self.peak_extra_bytes = 0
+
+    # ---- WeightSource -------------------------------------------------------------------
+    def manifest(self) -> dict[str, TensorSpec]:
+        """Every HF tensor this source produces (metadata only, identical on every rank)."""
+        return {n: TensorSpec(tuple(s), self.dtype) for n, s in hf_shapes(self.dims).items()}
+
+    def check_local(self) -> str | None:
+        """This rank's shards against the layout (names, shapes, dtypes); the problem or None."""
+        try:
+            shards = self.model.named_shards()
+        except WeightSyncError as e:
+            return str(e)
+        want = self.model.local_layout()
+        probs = [f"missing Megatron parameter {_where(k)}" for k in want if k not in shards]
+        probs += [f"unexpected Megatron parameter {_where(k)}" for k in shards if k not in want]
+        probs += [f"wrong shard {_where(k)}: shape {tuple(t.shape)}, expected {want[k].shape}"
+                  for k, t in shards.items() if k in want and tuple(t.shape) != want[k].shape]
+        probs += [f"wrong shard {_where(k)}: dtype {t.dtype}, expected {want[k].dtype}"
+                  for k, t in shards.items() if k in want and t.dtype != want[k].dtype]
+        return ("weight sync rejected, nothing written: " + "; ".join(probs[:4])) if probs else None
+
+    def iter_buckets(self, bucket_bytes: int | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Collective: every trainer rank iterates (only the engine rank gets tensors)."""
+        caps = [c for c in (bucket_bytes, self.bucket_bytes) if c]
+        cap = min(caps) if caps else None
+        bucket: list[tuple[str, torch.Tensor]] = []
+        size = 0
+        self.peak_extra_bytes = 0
+        for name, t in self._stream():
+            n = t.numel() * t.element_size()
+            if bucket and cap and size + n > cap:
+                yield bucket
+                bucket, size = [], 0
+            bucket.append((name, t))
+            size += n
+            self.peak_extra_bytes = max(self.peak_extra_bytes, size)
+        if bucket:
+            yield bucket
+
+    def _stream(self) -> Iterator[tuple[str, torch.Tensor]]:
+        shards = self.model.named_shards()
+        dev = next(iter(shards.values())).device
+        man = self.manifest()
+        me, eng = self.rank, self.engine_rank
+        for srcs, by_hf in self.units:
+            got: dict[Key, torch.Tensor] = {}
+            for k in srcs:
+                owner = self.owner[k]
+                if owner == me and me == eng:
+                    got[k] = shards[k].detach()
+                elif owner == me:
+                    dist.send(shards[k].detach().contiguous(), dst=eng)
+                elif me == eng:
+                    buf = torch.empty(self.layout[k].shape, dtype=self.dtype, device=dev)
+                    dist.recv(buf, src=owner)
+                    got[k] = buf
+            if me != eng:
+                continue
+            for hf, pieces in by_hf.items():
+                spec = man[hf]
+                t = torch.empty(spec.shape, dtype=spec.dtype, device=dev)
+                for p in pieces:
+                    t.narrow(p.axis, p.dst_lo, p.length).copy_(got[p.src].narrow(p.axis, p.src_lo, p.length))
+                yield hf, t
+
+    # ---- collective driver ----------------------------------------------------------------
+    def sync(self, backend: Any | None, *, probes: Sequence[Sequence[int]] | None = None) -> SyncReport | None:
+        """Collective universal sync: call on every trainer rank, ``backend`` on the engine rank.
+        Every rank's shard check and the engine's manifest check are agreed before any byte moves
+        (a refusal raises on every rank, naming the problem). With ``probes`` (token-id lists),
+        ``report.parity`` compares the engine's prompt logprobs with this model's forward."""
+        has_engine = backend is not None and self.rank == self.engine_rank
+        t0 = time.perf_counter()
+        err = self.check_local()
+        if has_engine and err is None:
+            try:
+                validate_manifest(self.manifest(), backend.expected_weights())
+            except WeightSyncError as e:
+                err = str(e)
+        agree(err)
+        report = None
+        if has_engine:
+            report = backend.sync_weights(self, path="hf")
+            report.peak_extra_bytes = max(report.peak_extra_bytes or 0, self.peak_extra_bytes)
+            report.details.setdefault("trainer_seconds", time.perf_counter() - t0)
+        else:
+            for _ in self.iter_buckets():
+                pass
+        if probes:
+            from genbackends_megatron.verify import parity
+
+            par = parity(self.model, backend if has_engine else None, probes)
+            if report is not None:
+                report.parity = par
+        return report
+
+
+def _units(pieces: list[Piece]) -> list[tuple[list[Key], dict[str, list[Piece]]]]:
+    """Plan pieces grouped by unit, in plan order: (source shard keys, HF name -> its pieces)."""
+    units: dict[tuple, tuple[list[Key], dict[str, list[Piece]]]] = {}
+    for p in pieces:
+        srcs, by_hf = units.setdefault(unit_of(p.src), ([], defaultdict(list)))
+        if p.src not in srcs:
+            srcs.append(p.src)
+        by_hf[p.dst[1]].append(p)
+    for srcs, _ in units.values():
+        srcs.sort()
+    return list(units.values())
+
+
+def _owners(layout: dict) -> dict[Key, int]:
+    """Global rank sending each shard: data-parallel rank 0 of its (pp, tp) for dense shards,
+    expert-data-parallel rank 0 of its (pp, etp, ep) for expert shards. Collective."""
+    from megatron.core import parallel_state as ps
+
+    is_moe = any(len(k[0]) == 4 for k in layout)
+    mine = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank(),
+            ps.get_expert_tensor_parallel_rank() if is_moe else 0, ps.get_expert_model_parallel_rank() if is_moe else 0,
+            ps.get_expert_data_parallel_rank() if is_moe else 0)
+    coords = all_gather_objects(mine)
+    dense = {(c[0], c[1]): r for r, c in enumerate(coords) if c[2] == 0}
+    expert = {(c[0], c[3], c[4]): r for r, c in enumerate(coords) if c[5] == 0}
+    out: dict[Key, int] = {}
+    for k in layout:
+        loc = k[0]
+        where = expert.get((loc[0], loc[2], loc[3])) if len(loc) == 4 else dense.get((loc[0], loc[2]))
+        if where is None:
+            raise WeightSyncError(f"no trainer rank holds Megatron shard {_where(k)}")
+        out[k] = where
+    return out
+
+
+def _where(k: Key) -> str:
+    loc, name = k
+    if len(loc) == 4:
+        return f"pp{loc[0]}/vp{loc[1]}/etp{loc[2]}/ep{loc[3]} {name}"
+    return f"pp{loc[0]}/vp{loc[1]}/tp{loc[2]} {name}"
