@@ -44,8 +44,13 @@ def register() -> bool:
         return False
     from vllm.distributed.weight_transfer import WeightTransferEngineFactory
 
-    if GLOO_BACKEND not in WeightTransferEngineFactory._registry:
-        WeightTransferEngineFactory.register_engine(GLOO_BACKEND, _engine_class())
+    try:
+        if GLOO_BACKEND not in getattr(WeightTransferEngineFactory, "_registry", {}):
+            WeightTransferEngineFactory.register_engine(GLOO_BACKEND, _engine_class())
+    except ValueError:  # registered meanwhile
+        pass
+    except Exception:  # noqa: BLE001 - another vLLM release's factory: the CPU engine is just absent
+        return False
     return True
 
 
