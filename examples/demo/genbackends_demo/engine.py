@@ -70,6 +70,9 @@ class GenerationSide:
                 self.backend.setup()
             # vllm: start_async() before setup() makes AsyncLLM the backend's only engine (docs/async.md)
             self.backend.start_async()
+            from genbackends_demo.async_round import warm_up
+
+            warm_up(self.backend, self.cfg.prompts[0])  # engine start includes its slow first steps
         else:
             self.backend.setup()
         return time.perf_counter() - t0
