@@ -43,7 +43,12 @@ class Run:
 @dataclass(frozen=True)
 class TargetParam:
     """One engine parameter on one engine rank, as the engine stores it (logical shape: what it
-    loaded, also where the platform repacks it into a kernel handle afterwards)."""
+    loaded, also where the platform repacks it into a kernel handle afterwards).
+
+    ``index`` (mixture of experts): the entry describes only ``param[index]`` (leading indices;
+    ``(e,)`` = expert ``e`` of a fused ``(experts, ...)`` tensor such as vLLM's ``w13_weight``);
+    ``shape``/``axis``/``runs`` are then those of that slice and :attr:`key` tells the entries of one
+    parameter apart."""
 
     name: str
     rank: int
@@ -51,6 +56,12 @@ class TargetParam:
     dtype: torch.dtype
     axis: int
     runs: tuple[Run, ...]
+    index: tuple[int, ...] = ()
+
+    @property
+    def key(self) -> str:
+        """``name``, or ``name[i,j]`` for an entry describing a slice (the key in ``params[rank]``)."""
+        return f"{self.name}[{','.join(map(str, self.index))}]" if self.index else self.name
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -124,7 +135,7 @@ class WeightLayout:
         """One line per parameter and fused piece (for ``genbackends plan`` style dumps)."""
         lines = [f"{self.engine} layout: TP {self.tensor_parallel_size}, {sum(len(v) for v in self.params.values())} parameters"]
         for p in self:
-            lines.append(f"rank{p.rank} {p.name} {p.shape} {str(p.dtype).replace('torch.', '')} axis {p.axis}")
+            lines.append(f"rank{p.rank} {p.key} {p.shape} {str(p.dtype).replace('torch.', '')} axis {p.axis}")
             for hf, off, n in p.fused_pieces:
                 lines.append(f"    [{off}:{off + n}] {hf}")
             for lo, n in p.padding:
@@ -139,7 +150,7 @@ def check_live_params(layout: WeightLayout, live: dict[int, dict[str, tuple[tupl
     list per rank: names, shapes, dtypes. One-line :class:`WeightSyncError` naming the first few."""
     probs = []
     for r, params in live.items():
-        want = layout.params.get(r, {})
+        want = _whole_params(layout.params.get(r, {}))
         unknown = [n for n in params if n not in want]
         absent = [n for n in want if n not in params]
         if unknown:
@@ -151,3 +162,22 @@ def check_live_params(layout: WeightLayout, live: dict[int, dict[str, tuple[tupl
                 probs.append(f"rank {r}: {n} is {tuple(shape)} {dtype} in the engine, described {want[n].shape} {want[n].dtype}")
     if probs:
         raise WeightSyncError("direct sync rejected, nothing written: " + "; ".join(probs[:6]))
+
+
+def _whole_params(entries: dict[str, TargetParam]) -> dict[str, TargetParam]:
+    """Entries keyed by engine parameter: slice entries (``index``) of one parameter become one
+    entry with the parameter's full shape (the number of slices per leading index in front)."""
+    out: dict[str, TargetParam] = {}
+    counts: dict[str, list[int]] = {}
+    for p in entries.values():
+        if not p.index:
+            out[p.name] = p
+            continue
+        c = counts.setdefault(p.name, [0] * len(p.index))
+        for i, v in enumerate(p.index):
+            c[i] = max(c[i], v + 1)
+        out[p.name] = p
+    for name, c in counts.items():
+        p = out[name]
+        out[name] = TargetParam(name, p.rank, tuple(c) + tuple(p.shape), p.dtype, p.axis + len(c), ())
+    return out

@@ -58,8 +58,11 @@ def main() -> None:
         for lay in spec["layouts"]:
             tp, ep, etp, pp = lay
             init_parallel(tp, pp, ep=ep, etp=etp)
-            model = build_model(spec["base"], init_parallel_state=False)
+            over = {"moe_enable_routing_replay": True} if spec.get("replay") else None
+            model = build_model(spec["base"], init_parallel_state=False, config_overrides=over)
             load_hf_weights(model, spec["alt"])
+            if spec.get("replay"):
+                res["replay"] = _replay_checks(model, spec["alt"])
             src = MegatronMoEWeightSource(model, bucket_bytes=1 << 20)
             # The Megatron MoE computes what transformers computes (on the alt weights).
             ours = forward_logprobs(model, torch.tensor([PROBES[0]]))[0]
@@ -97,6 +100,38 @@ def main() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _replay_checks(model, alt_dir: str) -> dict:
+    """Routing replay on the CPU, with transformers' router standing in for the engine's record
+    (vLLM's capture needs the GPU): recorded routing == transformers' top-k; replaying it leaves
+    the logits as they were; replaying another routing (2nd and 3rd choice swapped) changes them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from genbackends_megatron.model_builder import forward_logits
+    from genbackends_megatron.routing_replay import agreement, recording, replaying
+
+    ids = PROBES[0]
+    hf = AutoModelForCausalLM.from_pretrained(alt_dir, dtype=torch.float32)
+    k = hf.config.num_experts_per_tok
+    with torch.no_grad():
+        rl = hf(torch.tensor([ids]), output_router_logits=True).router_logits
+    top = torch.stack([r.softmax(-1).topk(k + 1, -1).indices for r in rl], 1)  # (tokens, layers, k+1)
+    engine = top[:, :, :k].numpy()
+    x = torch.tensor([ids])
+    plain = forward_logits(model, x)
+    with recording(model) as rec:
+        forward_logits(model, x)
+    with replaying(model, [engine[:-1]], len(ids)):  # vLLM leaves out the last token
+        same = forward_logits(model, x)
+    other = top[:, :, [0, k]].numpy()  # 2nd choice replaced by the 3rd
+    with replaying(model, [other], len(ids)):
+        changed = forward_logits(model, x)
+    return {"agreement": agreement(engine, rec), "disagreement_other": 1 - agreement(other, rec),
+            # the last position was routed by the filler (vLLM does not forward the last token)
+            "replay_same_max_diff": float((same - plain)[:, :-1].abs().max()),
+            "replay_other_max_diff": float((changed - plain).abs().max())}
 
 
 def _hf_logprobs(model_dir: str, ids: list[int]):

