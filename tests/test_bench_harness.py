@@ -174,3 +174,74 @@ def test_bench_cli_registered_through_entry_point() -> None:
     proc = subprocess.run([sys.executable, "-c", "from genbackends.cli import main; main(['demo', '--help'])"],
                           capture_output=True, text=True, timeout=60)
     assert "--backend" in proc.stdout, proc.stderr[-1000:]
+
+
+# ---- the async row (benchmarks/genbackends_bench/async_row.py), on the HF backend ------------------
+A_PROMPTS, A_MEDIAN, A_MULT, A_TAIL = 6, 4, 10, 2
+
+
+@pytest.fixture(scope="module")
+def async_result(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp = tmp_path_factory.mktemp("bench_async")
+    cfg = {
+        "name": "test-async", "model": "tiny:llama",
+        "workload": {"num_prompts": A_PROMPTS, "prompt_tokens": 8, "max_new_tokens": A_MEDIAN},
+        "runs": 2, "warmup": 1, "backends": ["hf"], "baseline": "hf",
+        "sync": {"enabled": False}, "sleep_wake": {"enabled": False},
+        "async_rollouts": {"enabled": True, "tail_frac": A_TAIL / A_PROMPTS, "tail_mult": A_MULT},
+    }
+    path = tmp / "bench.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "genbackends_bench", str(path), "--results", str(tmp / "results")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    out = tmp / "results" / "test-async"
+    res = json.loads((out / "results.json").read_text())
+    res["markdown"] = (out / "results.md").read_text()
+    return res
+
+
+@pytest.mark.slow
+def test_async_row_long_tail_and_time_to_n(async_result: dict) -> None:
+    [r] = async_result["async_rows"]
+    assert "error" not in r, r
+    lens = r["lengths"]
+    assert sorted(lens) == [A_MEDIAN] * (A_PROMPTS - A_TAIL) + [A_MEDIAN * A_MULT] * A_TAIL
+    n = A_PROMPTS - A_TAIL
+    assert r["consume"] == n  # default N: the short responses
+    assert len(r["sync_runs"]) == len(r["async_runs"]) == 2
+    for run in r["sync_runs"] + r["async_runs"]:
+        assert run["output_tokens"] == sum(lens)  # every response, exactly its length (ignore_eos)
+    for run in r["async_runs"]:
+        st = run["stamps"]
+        assert len(st) == A_PROMPTS and st == sorted(st)
+        assert run["time_to_n_s"] == st[n - 1] < st[-1]  # the N-th record is in before the batch ends
+    # medians and the ratio re-derived from the raw per-run numbers
+    sync_s = statistics.median(x["batch_end_s"] for x in r["sync_runs"])
+    async_s = statistics.median(x["stamps"][n - 1] for x in r["async_runs"])
+    assert r["sync_time_to_n_s"] == pytest.approx(sync_s) and r["async_time_to_n_s"] == pytest.approx(async_s)
+    assert async_result["ratios"]["async"]["hf"]["time_to_n_sync_vs_async"] == pytest.approx(sync_s / async_s)
+    assert "## Asynchronous rollouts" in async_result["markdown"]
+
+
+@pytest.mark.slow
+def test_async_row_pause_sync_resume_phases_add_up(async_result: dict) -> None:
+    [r] = async_result["async_rows"]
+    p = r["pause_sync_resume"]
+    t0, t1, t2, t3 = p["timestamps"]
+    assert t0 <= t1 <= t2 <= t3
+    assert (p["pause_s"], p["sync_s"], p["resume_s"]) == pytest.approx((t1 - t0, t2 - t1, t3 - t2))
+    assert p["total_s"] == pytest.approx(p["pause_s"] + p["sync_s"] + p["resume_s"]) == pytest.approx(t3 - t0)
+    assert p["records"] == A_PROMPTS  # all accounted for across the pause
+    assert p["in_flight_at_pause"] <= A_TAIL and p["spanning_records"] <= p["in_flight_at_pause"]
+    assert p["sync_bytes"] > 0
+    assert async_result["ratios"]["async"]["hf"]["pause_sync_resume_s"] == pytest.approx(t3 - t0)
+
+
+def test_async_config_checks_lengths(tmp_path: Path) -> None:
+    path = tmp_path / "b.yaml"
+    path.write_text(yaml.safe_dump({"name": "x", "seq_length": 60, "workload": {"prompt_tokens": 8, "max_new_tokens": 8},
+                                    "async_rollouts": {"enabled": True, "tail_mult": 10}}))
+    with pytest.raises(ConfigError) as e:
+        load_bench_config(path)
+    assert "seq_length 60" in str(e.value) and "88" in str(e.value) and "\n" not in str(e.value)

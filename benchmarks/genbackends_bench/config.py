@@ -67,6 +67,19 @@ class SleepBench(_Strict):
     levels: list[Literal[1, 2]] = Field(default_factory=lambda: [1, 2])
 
 
+class AsyncBench(_Strict):
+    """The async row (``async_row.py``): a long-tailed workload (the workload's prompts; most
+    responses ``workload.max_new_tokens`` long, ``tail_frac`` of them ``tail_mult`` x longer), time
+    until ``consume`` records are consumed, synchronous (batch barrier) vs asynchronous (as they
+    finish), and pause("keep") + sync + resume latency with the tail in flight. Runs for every
+    listed backend that declares ``async_generation`` (its own worker process)."""
+
+    enabled: bool = False
+    tail_frac: float = Field(0.125, gt=0.0, lt=1.0)
+    tail_mult: int = Field(10, ge=2)
+    consume: int | None = Field(None, ge=1, description="N records; default: the short ones (num_prompts - tail)")
+
+
 class BenchConfig(_Strict):
     """A whole benchmark run."""
 
@@ -93,16 +106,22 @@ class BenchConfig(_Strict):
     )
     sync: SyncBench = Field(default_factory=SyncBench)
     sleep_wake: SleepBench = Field(default_factory=SleepBench)
+    async_rollouts: AsyncBench = Field(default_factory=AsyncBench)
     worker_timeout_s: float = Field(900.0, gt=0)
 
     @model_validator(mode="after")
     def _lengths(self) -> "BenchConfig":
-        need = self.workload.prompt_tokens + self.workload.max_new_tokens
+        need = self.workload.prompt_tokens + self.workload.max_new_tokens * (
+            self.async_rollouts.tail_mult if self.async_rollouts.enabled else 1)
+        if self.async_rollouts.enabled and (self.async_rollouts.consume or 0) > self.workload.num_prompts:
+            raise ValueError(f"async_rollouts.consume {self.async_rollouts.consume} > workload.num_prompts "
+                             f"{self.workload.num_prompts}")
         if self.seq_length is None:
             self.seq_length = need
         elif self.seq_length < need:
             raise ValueError(
-                f"seq_length {self.seq_length} < workload.prompt_tokens + workload.max_new_tokens = {need}"
+                f"seq_length {self.seq_length} < workload.prompt_tokens + workload.max_new_tokens "
+                f"(x async_rollouts.tail_mult when enabled) = {need}"
             )
         if self.model.startswith("synthetic:") and self.load_format != "dummy":
             raise ValueError(f"model {self.model!r} has no weights; set load_format: dummy")

@@ -99,7 +99,30 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"- output tokens/s, {label}: {_f(rt[key], '{:.2f}')}")
     for name, val in rt.get("sync_vs_copy_floor", {}).items():
         lines.append(f"- sync time / copy floor, {name}: {_f(val, '{:.1f}')}")
+    if result.get("async_rows"):
+        lines += async_markdown(result["async_rows"])
     return "\n".join(lines) + "\n"
+
+
+def async_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """The async rows: time until N records consumed (sync = batch barrier vs async = as they
+    finish), their ratio, and pause + sync + resume (phases add up to the total)."""
+    lines = ["", "## Asynchronous rollouts (long-tailed workload)", "",
+             "| backend | responses (short / long tokens) | N consumed | sync s to N | async s to N | sync / async | "
+             "pause ms | sync ms | resume ms | total ms | in flight at pause | load avg (start/end) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['backend']} | error: {r['error'][:120]} | | | | | | | | | | |")
+            continue
+        lens, p = r["lengths"], r["pause_sync_resume"]
+        shape = f"{len(lens)} ({min(lens)} / {max(lens)})"
+        lines.append(
+            f"| {r['backend']} | {shape} | {r['consume']} | {_f(r['sync_time_to_n_s'])} | {_f(r['async_time_to_n_s'])} | "
+            f"{_f(r['speedup_time_to_n'], '{:.2f}')} | {p['pause_s'] * 1e3:.1f} | {p['sync_s'] * 1e3:.1f} | "
+            f"{p['resume_s'] * 1e3:.1f} | {p['total_s'] * 1e3:.1f} | {p['in_flight_at_pause']} | "
+            f"{_load(r.get('loadavg_at_start'))} / {_load(r.get('loadavg_at_end'))} |")
+    return lines
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

@@ -105,8 +105,9 @@ def run_worker(spec: dict[str, Any], workdir: Path, env: dict[str, str], timeout
                log: Callable[[str], None]) -> dict[str, Any]:
     """Run one row in a fresh Python process and return its JSON (or an error row)."""
     name = spec["backend"]
-    spec_path, out_path = workdir / f"{name}.spec.json", workdir / f"{name}.result.json"
-    log_path = workdir / f"{name}.log"
+    label = spec.get("label", name)  # the async row of a backend runs in a second worker
+    spec_path, out_path = workdir / f"{label}.spec.json", workdir / f"{label}.result.json"
+    log_path = workdir / f"{label}.log"
     spec_path.write_text(json.dumps(spec))
     t0 = time.perf_counter()
     with open(log_path, "w") as fh:
@@ -126,7 +127,7 @@ def run_worker(spec: dict[str, Any], workdir: Path, env: dict[str, str], timeout
         res = {"backend": name, "kind": spec["kind"],
                "error": "timed out" if rc is None else f"worker exited {rc} without a result", "log_tail": tail}
     res["process_wall_s"] = wall
-    log(f"  {name}: {'ERROR ' + res['error'] if 'error' in res else 'ok'} ({wall:.1f}s)")
+    log(f"  {label}: {'ERROR ' + res['error'] if 'error' in res else 'ok'} ({wall:.1f}s)")
     return res
 
 
@@ -153,6 +154,33 @@ def compute_ratios(rows: list[dict[str, Any]], baseline: str) -> dict[str, Any]:
         f"{name}:{s['path']}": s.get("ratio_to_copy_floor")
         for name, r in by.items() for s in r.get("sync", []) if "error" not in s
     }
+    return out
+
+
+def async_spec(cfg: BenchConfig, backend: str, model_dir: Path, prompts: list[dict[str, Any]], scratch: Path,
+               index: int) -> dict[str, Any]:
+    """The spec of a backend's async row (``async_row.py``): its lengths are drawn here, once."""
+    from genbackends_bench.async_row import long_tail_lengths
+
+    a, w = cfg.async_rollouts, cfg.workload
+    lengths = long_tail_lengths(w.num_prompts, w.max_new_tokens, a.tail_frac, a.tail_mult, seed=cfg.seed)
+    n_short = sum(1 for n in lengths if n == w.max_new_tokens)
+    spec = worker_spec(cfg, backend, model_dir, prompts, scratch, index)
+    spec.update(mode="async", label=f"{backend}-async", timeout_s=cfg.worker_timeout_s,
+                **{"async": {"lengths": lengths, "consume": a.consume or n_short}})
+    return spec
+
+
+def async_ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per async row: synchronous / asynchronous time until N records are consumed (medians of
+    the row's own runs) and pause + sync + resume seconds."""
+    out: dict[str, Any] = {}
+    for r in rows:
+        if "error" in r:
+            continue
+        psr = r["pause_sync_resume"]
+        out[r["backend"]] = {"time_to_n_sync_vs_async": r["sync_time_to_n_s"] / r["async_time_to_n_s"],
+                             "pause_sync_resume_s": psr["total_s"]}
     return out
 
 
@@ -187,6 +215,13 @@ def run_bench(cfg: BenchConfig, results_dir: Path | None = None, config_text: st
                 row_model = materialize_weights(model_dir, scratch / "models" / f"{model_dir.name}-weights", cfg.dtype)
             spec = worker_spec(cfg, backend, row_model, prompts, scratch, i)
             rows.append(run_worker(spec, scratch, env, cfg.worker_timeout_s, log))
+        async_rows = []
+        if cfg.async_rollouts.enabled:
+            for i, backend in enumerate(cfg.backends):
+                if backend == RAW_VLLM:
+                    continue
+                spec = async_spec(cfg, backend, model_dir, prompts, scratch, len(cfg.backends) + i)
+                async_rows.append(run_worker(spec, scratch, env, cfg.worker_timeout_s, log))
         logs = {p.stem: p.read_text()[-4000:] for p in scratch.glob("*.log")}
     commands = [command]
     if append and (out_dir / "results.json").exists():
@@ -209,6 +244,9 @@ def run_bench(cfg: BenchConfig, results_dir: Path | None = None, config_text: st
         "rows": rows,
         "ratios": compute_ratios(rows, cfg.baseline),
     }
+    if async_rows:
+        result["async_rows"] = async_rows
+        result["ratios"]["async"] = async_ratios(async_rows)
     write_results(result, out_dir)
     (out_dir / "worker_logs.json").write_text(json.dumps(logs, indent=1))
     return out_dir

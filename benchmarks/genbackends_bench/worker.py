@@ -381,7 +381,12 @@ def main(argv: list[str] | None = None) -> int:
     spec_path, out_path = Path(argv[0]), Path(argv[1])
     spec = json.loads(spec_path.read_text())
     try:
-        res = run(spec)
+        if spec.get("mode") == "async":
+            from genbackends_bench.async_row import run_async_row
+
+            res = run_async_row(spec)
+        else:
+            res = run(spec)
     except Exception as e:
         res = {"backend": spec["backend"], "kind": spec["kind"], "error": f"{type(e).__name__}: {e}",
                "traceback": traceback.format_exc()}
