@@ -58,9 +58,12 @@ def run_kit(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory):
 
     def run(backend: str, *args: str, site: Path | None = None, module: bool = False) -> subprocess.CompletedProcess:
         env = dict(os.environ)
-        env.pop("PYTHONPATH", None)
-        if site is not None:
-            env["PYTHONPATH"] = str(site)
+        # keep what the environment itself puts on the path (the GPU bundle's /tmp/site), add the
+        # plugin's own site in front
+        paths = [str(site)] if site is not None else []
+        paths += [x for x in env.pop("PYTHONPATH", "").split(os.pathsep) if x]
+        if paths:
+            env["PYTHONPATH"] = os.pathsep.join(paths)
         env["GENBACKENDS_PLUGINS"] = backend
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         # one intra-op thread: on a busy 2-core CI machine torch's spinning OpenMP workers cost

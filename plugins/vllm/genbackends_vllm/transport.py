@@ -105,15 +105,17 @@ def _poll(work: Any, check: Callable[[], Any]) -> None:
 
 
 def to_wire(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous CPU tensor gloo can broadcast (bf16 is sent as raw int16 bits)."""
+    """A contiguous CPU tensor gloo can broadcast. gloo has no bf16 (nor int16: "Invalid scalar
+    type", seen on the H200 lane): bf16 travels as the raw bits of an fp16 tensor of the same
+    size (a broadcast copies bytes, it never computes on them)."""
     t = t.detach().contiguous().cpu()
-    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+    return t.view(torch.float16) if t.dtype == torch.bfloat16 else t
 
 
 def from_wire(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(receive buffer, tensor view of it in ``dtype``)."""
     if dtype == torch.bfloat16:
-        buf = torch.empty(shape, dtype=torch.int16)
+        buf = torch.empty(shape, dtype=torch.float16)
         return buf, buf.view(torch.bfloat16)
     buf = torch.empty(shape, dtype=dtype)
     return buf, buf
