@@ -40,7 +40,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     from genbackends_megatron.model_builder import build_model, forward_logprobs, init_parallel, load_hf_weights
-    from genbackends_megatron.moe_source import MegatronMoEWeightSource
+    from genbackends_megatron import make_source
     from genbackends_megatron.verify import parity
 
     res: dict = {"syncs": [], "streams": [], "bad": [], "errors": [], "hf_vs_megatron": []}
@@ -63,7 +63,7 @@ def main() -> None:
             load_hf_weights(model, spec["alt"])
             if spec.get("replay"):
                 res["replay"] = _replay_checks(model, spec["alt"])
-            src = MegatronMoEWeightSource(model, bucket_bytes=1 << 20)
+            src = make_source(model, bucket_bytes=1 << 20)  # dispatches to MegatronMoEWeightSource
             # The Megatron MoE computes what transformers computes (on the alt weights).
             ours = forward_logprobs(model, torch.tensor([PROBES[0]]))[0]
             if rank == 0:

@@ -17,7 +17,16 @@ from typing import Any
 
 def make_source(model: Any, **kwargs: Any) -> Any:
     """A weight source over a live :class:`~genbackends_megatron.model_builder.MegatronModel`
-    (see :class:`genbackends_megatron.source.MegatronWeightSource` for the options)."""
+    (see :class:`genbackends_megatron.source.MegatronWeightSource` for the options; a mixture of
+    experts gets :class:`genbackends_megatron.moe_source.MegatronMoEWeightSource`)."""
+    if getattr(model.dims, "num_experts", 0):
+        # Mixture of experts: shards spread over EP x expert-TP too; HF-named path only for now.
+        from genbackends_megatron.moe_source import MegatronMoEWeightSource
+
+        ranks = tuple(kwargs.pop("engine_ranks", (0,)))
+        if len(ranks) != 1 or set(kwargs) - {"bucket_bytes"}:
+            raise TypeError(f"a MoE source takes one engine rank and bucket_bytes; got engine_ranks={ranks}, {sorted(kwargs)}")
+        return MegatronMoEWeightSource(model, engine_rank=ranks[0], **kwargs)
     from genbackends_megatron.source import MegatronWeightSource
 
     return MegatronWeightSource(model, **kwargs)
