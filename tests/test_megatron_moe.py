@@ -227,3 +227,20 @@ def test_direct_plan_refuses_missing_expert_shard():
     del src[((0, 0, 0, 1), "decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight")]
     with pytest.raises(WeightSyncError, match=r"model.layers.1.mlp.experts.7.gate_proj.weight.*w13_weight\[7\]"):
         make_plan(src, target_layout(planned_layout(hf_shapes(DIMS), cfg, 1)))
+
+
+def test_replay_indices_megatron_token_order():
+    """vLLM's (tokens, layers, top_k) per sample -> megatron's sequence-major rows (s * batch + b);
+    rows the engine did not route get experts 0..k-1; numpy uint16 input is accepted."""
+    import numpy as np
+
+    from genbackends_megatron.routing_replay import agreement, replay_indices
+
+    a = np.array([[[1, 2], [3, 4]], [[5, 6], [7, 0]]], dtype=np.uint16)  # sample 0: 2 tokens, 2 layers
+    b = np.array([[[2, 3], [4, 5]]], dtype=np.uint16)  # sample 1: 1 token
+    l0, l1 = replay_indices([a, b], 3, [0, 1], 2)
+    assert l1.tolist() == [[3, 4], [4, 5], [7, 0], [0, 1], [0, 1], [0, 1]]
+    assert l0.tolist()[:4] == [[1, 2], [2, 3], [5, 6], [0, 1]]
+    assert agreement(a, {0: torch.tensor([[2, 1], [6, 5]]), 1: torch.tensor([[3, 4], [7, 1]])}) == 0.75
+    with pytest.raises(WeightSyncError, match="top_k=3"):
+        replay_indices([a], 3, [0], 3)

@@ -54,7 +54,7 @@ def replay_indices(routed: Sequence[Any], seq_len: int, layers: Sequence[int], t
     for g in layers:
         idx = fill.repeat(seq_len, batch, 1)  # [s, b, k]
         for b, r in enumerate(routed):
-            t = torch.as_tensor(r)
+            t = _as_long(r)
             if t.dim() != 3 or t.shape[2] != top_k or g >= t.shape[1]:
                 raise WeightSyncError(f"routed_experts of sample {b} has shape {tuple(t.shape)}; expected "
                                       f"(tokens, layers > {g}, top_k={top_k})")
@@ -111,7 +111,7 @@ def agreement(engine: Any, trainer: dict[int, torch.Tensor], tokens: int | None 
     """Fraction of (token, layer) decisions where the engine's expert set equals the trainer's.
     ``engine``: one sample's ``(tokens, layers, top_k)``; ``trainer``: :func:`recording`'s dict for a
     batch of that one sample; ``tokens``: compare only the first ``tokens`` rows."""
-    e = torch.as_tensor(engine).long()
+    e = _as_long(engine)
     n = tokens if tokens is not None else e.shape[0]
     same = total = 0
     for g, t in trainer.items():
@@ -120,3 +120,11 @@ def agreement(engine: Any, trainer: dict[int, torch.Tensor], tokens: int | None 
         same += int((a == b).all(-1).sum())
         total += n
     return same / total if total else float("nan")
+
+
+def _as_long(x: Any) -> torch.Tensor:
+    """int64 tensor of an engine array (vLLM hands numpy arrays of small unsigned ints, which
+    torch does not take for every dtype)."""
+    if hasattr(x, "astype") and not isinstance(x, torch.Tensor):
+        x = x.astype("int64")
+    return torch.as_tensor(x).long()
