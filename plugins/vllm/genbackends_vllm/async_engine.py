@@ -218,7 +218,7 @@ class VLLMRolloutEngine(RolloutEngine):
             # Requests submitted while paused start together: let their adds reach the engine
             # core first (they travel on the same socket as the resume, so they then come first).
             for _ in range(2000):
-                if self.llm.get_num_unfinished_requests() >= len(self._tasks):
+                if compat.async_unfinished_requests(self.llm) >= len(self._tasks):
                     break
                 await asyncio.sleep(0.005)
             await asyncio.sleep(0.01)

@@ -317,3 +317,12 @@ def abort_all_requests(llm: Any) -> int:
         internal = "internal" in inspect.signature(engine.abort_request).parameters
         engine.abort_request(ids, **({"internal": True} if internal else {}))
     return len(ids)
+
+
+def async_unfinished_requests(async_llm: Any) -> int:
+    """Requests an ``AsyncLLM`` has not finished: its own counter on vLLM 0.32; 0.24's AsyncLLM
+    lacks it (AttributeError on the H200 lane), its output processor has the same count."""
+    fn = getattr(async_llm, "get_num_unfinished_requests", None)
+    if fn is None:
+        fn = async_llm.output_processor.get_num_unfinished_requests
+    return int(fn())
