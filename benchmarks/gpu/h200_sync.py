@@ -29,7 +29,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -110,18 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import megatron_sync_gpu as ms
-    from genbackends_megatron import make_source
-    from genbackends_megatron.model_builder import build_model, init_parallel
     from genbackends_megatron.verify import parity
 
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    os.environ.setdefault("MASTER_PORT", "29792")
-    init_parallel(1, 1)
-    name = "tiny" if args.tiny else args.size
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    dname = "bfloat16" if dtype == torch.bfloat16 else "float32"
-    shape = ms.SIZES[name]
-    cfg_dir = ms.write_config(Path(tempfile.mkdtemp(prefix="gbh200_")), shape, dname)
+    pair = ms.OneProcessPair(args.size, args.tiny, "29792", "gbh200_")
+    dev, name, dname, shape = pair.dev, pair.name, pair.dname, pair.shape
+    model, src, backend, floor = pair.model, pair.src, pair.backend, pair.floor
     import vllm
 
     res: dict[str, Any] = {
@@ -130,24 +122,13 @@ def main(argv: list[str] | None = None) -> int:
         "size": name, "shape": shape, "dtype": dname, "reps": args.reps, "targets": TARGETS,
         "command": "python3 benchmarks/gpu/h200_sync.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "engine_init_s": pair.engine_init_s, "weight_bytes": pair.nbytes, "copy_bandwidth_Bps": pair.copy_bw,
+        "copy_floor_ms": floor * 1e3,
     }
 
     def save() -> None:
         (out_dir / "summary.json").write_text(json.dumps(res, indent=1, default=str))
 
-    model = build_model(cfg_dir, dtype=dtype, init_parallel_state=False, config_overrides={"perform_initialization": False})
-    g = torch.Generator(device=dev).manual_seed(0)
-    with torch.no_grad():
-        for n, p in model.chunks[0].named_parameters():
-            (p.fill_(1.0) if "norm" in n else p.normal_(0.0, 0.02, generator=g))
-    src = make_source(model, bucket_bytes=1 << 30)
-    nbytes = sum(s.nbytes for s in src.manifest().values())
-    t0 = time.perf_counter()
-    backend = ms.make_engine(cfg_dir, dname, args.tiny)
-    res["engine_init_s"] = time.perf_counter() - t0
-    bw = ms.copy_bandwidth(nbytes, dev)
-    floor = 2 * nbytes / bw
-    res.update(weight_bytes=nbytes, copy_bandwidth_Bps=bw, copy_floor_ms=floor * 1e3)
     save()
     gen = torch.Generator().manual_seed(1)
     probes = [torch.randint(0, shape["vocab_size"], (32,), generator=gen).tolist() for _ in range(4)]

@@ -93,6 +93,40 @@ def make_engine(model_dir: Path, dtype: str, tiny: bool):
     return b
 
 
+class OneProcessPair:
+    """A Megatron GPTModel (random bf16 weights; fp32 on the CPU) and an in-process vLLM engine of
+    the same Llama shape, in this process, with the copy floor of the model's bytes measured on
+    this device: the setup shared by the single-process GPU sync scripts."""
+
+    def __init__(self, size: str, tiny: bool, port: str, prefix: str):
+        import torch
+
+        from genbackends_megatron import make_source
+        from genbackends_megatron.model_builder import build_model, init_parallel
+
+        self.dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        os.environ.setdefault("MASTER_PORT", port)
+        init_parallel(1, 1)
+        self.name = "tiny" if tiny else size
+        self.dtype = torch.bfloat16 if self.dev.type == "cuda" else torch.float32
+        self.dname = "bfloat16" if self.dtype == torch.bfloat16 else "float32"
+        self.shape = SIZES[self.name]
+        cfg_dir = write_config(Path(tempfile.mkdtemp(prefix=prefix)), self.shape, self.dname)
+        self.model = build_model(cfg_dir, dtype=self.dtype, init_parallel_state=False,
+                                 config_overrides={"perform_initialization": False})
+        g = torch.Generator(device=self.dev).manual_seed(0)
+        with torch.no_grad():
+            for n, p in self.model.chunks[0].named_parameters():
+                (p.fill_(1.0) if "norm" in n else p.normal_(0.0, 0.02, generator=g))
+        self.src = make_source(self.model, bucket_bytes=1 << 30)
+        self.nbytes = sum(s.nbytes for s in self.src.manifest().values())
+        t0 = time.perf_counter()
+        self.backend = make_engine(cfg_dir, self.dname, tiny)
+        self.engine_init_s = time.perf_counter() - t0
+        self.copy_bw = copy_bandwidth(self.nbytes, self.dev)
+        self.floor = 2 * self.nbytes / self.copy_bw
+
+
 def _load_weights_on_worker(model, tp_rank, pairs):
     model.load_weights(iter(pairs))
     return len(pairs)

@@ -78,37 +78,17 @@ def main(argv=None) -> int:
     import torch
 
     import megatron_sync_gpu as ms
-    from genbackends_megatron import make_source
-    from genbackends_megatron.model_builder import build_model, init_parallel
 
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    os.environ.setdefault("MASTER_PORT", "29791")
-    init_parallel(1, 1)
-    name = "tiny" if args.tiny else args.size
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    dname = "bfloat16" if dtype == torch.bfloat16 else "float32"
-    shape = ms.SIZES[name]
-    import tempfile
-
-    cfg_dir = ms.write_config(Path(tempfile.mkdtemp(prefix="gbprof_")), shape, dname)
-    res: dict = {"size": name, "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"}
+    pair = ms.OneProcessPair(args.size, args.tiny, "29791", "gbprof_")
+    dev, name, shape = pair.dev, pair.name, pair.shape
+    src, backend, floor = pair.src, pair.backend, pair.floor
+    res: dict = {"size": name, "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
+                 "engine_init_s": pair.engine_init_s, "bytes": pair.nbytes, "copy_bw": pair.copy_bw,
+                 "floor_ms": floor * 1e3}
 
     def save():
         (out / "profile_sync.json").write_text(json.dumps(res, indent=1, default=str))
 
-    model = build_model(cfg_dir, dtype=dtype, init_parallel_state=False, config_overrides={"perform_initialization": False})
-    g = torch.Generator(device=dev).manual_seed(0)
-    with torch.no_grad():
-        for n, p in model.chunks[0].named_parameters():
-            (p.fill_(1.0) if "norm" in n else p.normal_(0.0, 0.02, generator=g))
-    src = make_source(model, bucket_bytes=1 << 30)
-    nbytes = sum(s.nbytes for s in src.manifest().values())
-    t0 = time.perf_counter()
-    backend = ms.make_engine(cfg_dir, dname, args.tiny)
-    res["engine_init_s"] = time.perf_counter() - t0
-    bw = ms.copy_bandwidth(nbytes, dev)
-    floor = 2 * nbytes / bw
-    res.update(bytes=nbytes, copy_bw=bw, floor_ms=floor * 1e3)
     save()
     med = lambda xs: statistics.median(xs) * 1e3  # noqa: E731
 
