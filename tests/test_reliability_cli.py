@@ -21,8 +21,11 @@ def _cli(*args: object, cwd: Path, **popen: object) -> subprocess.Popen:
     base = [str(script)] if script.exists() else [sys.executable, "-m", "genbackends.cli"]
     env = dict(os.environ, GENBACKENDS_PLUGINS="hf")
     env.pop("PYTHONPATH", None)
+    # A child inherits an ignored SIGINT (a library earlier in this pytest process may have set
+    # SIG_IGN); a user's terminal gives the CLI the default disposition: start it with that.
     return subprocess.Popen([*base, *map(str, args)], cwd=str(cwd), env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
 
 
 def _config(tmp_path: Path, model: Path, batch_size: int, extra: str = "") -> Path:

@@ -130,6 +130,12 @@ class RawVLLMRow:
         return kw
 
     def start(self) -> None:
+        import os
+
+        # The raw row's reload hands tensors to collective_rpc: they stay tensors only with the
+        # engine core in this process (an inherited "1" from a caller that ran an engine-core
+        # process would turn them into lists: "'list' object has no attribute 'dtype'").
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM, SamplingParams
 
         self.llm = LLM(**self.engine_kwargs())
