@@ -181,3 +181,13 @@ def _whole_params(entries: dict[str, TargetParam]) -> dict[str, TargetParam]:
         p = out[name]
         out[name] = TargetParam(name, p.rank, tuple(c) + tuple(p.shape), p.dtype, p.axis + len(c), ())
     return out
+
+
+def runs_view(t: torch.Tensor, axis: int, lo: int, length: int, count: int, step: int) -> torch.Tensor:
+    """``count`` runs of ``length`` indices of ``t`` along ``axis`` from ``lo``, ``step`` apart, as
+    one strided view (no copy): how both sides turn regular runs (the Q/K/V rows of every query
+    group) into one copy instead of one per run."""
+    shape = list(t.shape)
+    shape[axis] = length
+    strides = list(t.stride())
+    return t.as_strided([count] + shape, [step * strides[axis]] + strides, t.storage_offset() + lo * strides[axis])

@@ -111,7 +111,8 @@ def test_writer_on_a_real_engine_equals_transformers(tiny_llama, tiny_llama_alt)
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_widened_strided_copy_moves_the_same_bytes(dtype):
-    from genbackends_vllm.direct_writer import _strided, _widen
+    from genbackends.weight_layout import runs_view as _strided
+    from genbackends_vllm.direct_writer import _widen
 
     g = torch.Generator().manual_seed(0)
     src = torch.randn(4 * 6, 32, generator=g).to(dtype)  # 4 groups of [q q q q k v] rows

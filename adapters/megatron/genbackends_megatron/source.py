@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from genbackends.errors import WeightSyncError
+from genbackends.weight_layout import runs_view
 from genbackends.weights import SyncReport, TensorSpec, validate_manifest
 from genbackends_megatron.layout import hf_layout, hf_shapes, megatron_layout
 from genbackends_megatron.model_builder import MegatronModel
@@ -333,8 +334,8 @@ def _merged_runs(t: torch.Tensor, pieces: list, shards: dict) -> list[tuple[torc
         count = j - i
         src = shards[p.src]
         if count > 1:
-            out.append((_runs_view(t, p.axis, p.dst_lo, p.length, count, dd),
-                        _runs_view(src, p.axis, p.src_lo, p.length, count, ds)))
+            out.append((runs_view(t, p.axis, p.dst_lo, p.length, count, dd),
+                        runs_view(src, p.axis, p.src_lo, p.length, count, ds)))
         else:
             j = i + 1
             out.append((t.narrow(p.axis, p.dst_lo, p.length), src.narrow(p.axis, p.src_lo, p.length)))
@@ -342,12 +343,6 @@ def _merged_runs(t: torch.Tensor, pieces: list, shards: dict) -> list[tuple[torc
     return out
 
 
-def _runs_view(t: torch.Tensor, axis: int, lo: int, length: int, count: int, step: int) -> torch.Tensor:
-    """``count`` runs of ``length`` indices along ``axis`` from ``lo``, ``step`` apart, as one view."""
-    shape = list(t.shape)
-    shape[axis] = length
-    strides = list(t.stride())
-    return t.as_strided([count] + shape, [step * strides[axis]] + strides, t.storage_offset() + lo * strides[axis])
 
 
 def _loc(k) -> str:

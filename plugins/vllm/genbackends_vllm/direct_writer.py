@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from genbackends.weight_layout import runs_view
+
 from genbackends_vllm import compat
 
 
@@ -95,14 +97,6 @@ def finish_writes(model: Any, names: list[str]) -> None:
 # ---------------------------------------------------------------------------------------------
 # Worker side
 # ---------------------------------------------------------------------------------------------
-def _strided(t: torch.Tensor, axis: int, lo: int, length: int, count: int, step: int) -> torch.Tensor:
-    """``count`` runs of ``length`` along ``axis`` starting at ``lo``, ``step`` apart, as one view."""
-    shape = list(t.shape)
-    shape[axis] = length
-    strides = list(t.stride())
-    return t.as_strided([count] + shape, [step * strides[axis]] + strides, t.storage_offset() + lo * strides[axis])
-
-
 def compile_copies(copies: list, srcs: dict, dsts: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(dst views, src views): runs with equal length and constant spacing on both sides (the
     per-query-group Q/K/V rows) become one strided view pair."""
@@ -123,7 +117,7 @@ def compile_copies(copies: list, srcs: dict, dsts: dict) -> tuple[list[torch.Ten
             cnt = j - i
             d_lo, s_lo = runs[i]
             if cnt > 1 and ds > 0 and dd > 0:
-                d_v, s_v = _widen(_strided(d_t, axis, d_lo, n, cnt, dd), _strided(s_t, axis, s_lo, n, cnt, ds))
+                d_v, s_v = _widen(runs_view(d_t, axis, d_lo, n, cnt, dd), runs_view(s_t, axis, s_lo, n, cnt, ds))
                 dv.append(d_v)
                 sv.append(s_v)
             else:
