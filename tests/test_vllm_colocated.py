@@ -1,8 +1,11 @@
 """Colocated mode: two gloo trainer ranks hold one TP=2 vLLM engine (external_launcher); its
-greedy tokens equal transformers' (= TP=1), and a sync updates it in place on both ranks."""
+greedy tokens equal transformers' (= TP=1), bad syncs (raise at tensor k of n over several
+buckets, a tensor contradicting its manifest, NaN, Inf, an int tensor) are refused or rolled back on both ranks with
+the fingerprint bit-identical (issue 14), and a good sync then updates it in place on both ranks."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,7 @@ import pytest
 import vllm  # noqa: E402,F401  (a missing or broken engine must fail, not skip)
 
 from rank_processes import run_ranks  # noqa: E402
+from test_sync_atomicity import CASES, MESSAGES  # noqa: E402
 from vllm_helpers import HFReference  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -27,6 +31,10 @@ def test_colocated_tp2_in_trainer_ranks(tiny_llama, tiny_llama_alt, tmp_path):
         assert r["executor"] == "external_launcher" and r["world"] == 2 and r["transport"] == "inprocess"
         assert r["before"] == [base.greedy(i, 10) for i in r["ids"]]
         assert r["after"] == [alt.greedy(i, 10) for i in r["ids"]]
+        bad = r["bad_syncs"]
+        for case in CASES:
+            assert bad[case]["error"] and re.search(MESSAGES[case], bad[case]["error"]), (rank, case, bad[case]["error"])
+            assert bad[case]["fingerprint"] == bad["before"], (rank, case)  # bit-identical, engine still usable
         # Each trainer rank reaches exactly one worker: the one holding TP shard `rank` of the engine.
         assert r["layout_entries"] == 1 and len(r["worker_shards"]) == 1
         shard = r["worker_shards"][0]

@@ -1,7 +1,10 @@
 """One trainer rank of the colocated test (run by tests/test_vllm_colocated.py).
 
 argv: model alt_model out_dir tp. Writes rank<N>.json with greedy tokens before and after a
-weight sync and the sync report."""
+weight sync and the sync report; before the good sync, both ranks try the same bad syncs (issue 14:
+a source raising at tensor k of n across several buckets, a tensor contradicting its manifest, NaN,
+Inf, an int tensor)
+and record the error and the atomicity fingerprint after each."""
 from __future__ import annotations
 
 import json
@@ -20,6 +23,7 @@ def main() -> None:
     from safetensors.torch import load_file
 
     from genbackends.registry import get_registry
+    from test_sync_atomicity import BUCKET, CASES, bad_source, fingerprint
     from vllm_helpers import PROMPTS, vllm_config
     from vllm_worker_facts import shard_facts
 
@@ -27,19 +31,30 @@ def main() -> None:
         model,
         parallel={"tensor_parallel_size": tp, "executor": "external_launcher"},
         sampling={"ignore_eos": True, "max_new_tokens": 10, "temperature": 0.0},
+        vllm={"bucket_bytes": BUCKET},
     )
     b = get_registry().create_backend(cfg)
     b.setup()
     before = [r.token_ids for r in b.generate(PROMPTS)]
     layout = b.engine_layout()
-    report = b.sync_weights(load_file(os.path.join(alt, "model.safetensors")))
+    base_w, alt_w = (load_file(os.path.join(m, "model.safetensors")) for m in (model, alt))
+    bad = {"before": fingerprint(b)}
+    for case in CASES:
+        try:
+            b.sync_weights(bad_source(case, base_w, alt_w))
+            error = None
+        except Exception as e:  # noqa: BLE001 - the test checks the message
+            error = f"{type(e).__name__}: {e}"
+        bad[case] = {"error": error, "fingerprint": fingerprint(b)}
+    report = b.sync_weights(alt_w)
     after = [r.token_ids for r in b.generate(PROMPTS)]
     ids = [d["input_ids"] for d in b.build_dataset(PROMPTS)]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(
             {"before": before, "after": after, "ids": ids, "transport": report.transport,
              "sync_seconds": report.seconds, "world": world, "executor": b.replicas[0].executor_backend(),
-             "layout_entries": len(layout["params"]), "worker_shards": b.run_on_workers(shard_facts)}, f)
+             "layout_entries": len(layout["params"]), "worker_shards": b.run_on_workers(shard_facts),
+             "bad_syncs": bad, "snapshot": {k: v for k, v in report.details.items() if k.startswith("snapshot")}}, f)
     b.shutdown()
     import torch.distributed as dist
 
