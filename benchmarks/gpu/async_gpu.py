@@ -12,9 +12,9 @@ Writes ``DIR/async_gpu.json`` after every section and ``DIR/async_gpu.md`` at th
 * ``ours_vs_raw``: the same workload through our ``submit``/``stream`` and through raw
   ``AsyncLLM.generate`` tasks on the same engine (alternating, best of ``--repeats``):
   makespan and output tokens/s, ratio ours/raw (aim >= 0.97);
-* ``pause_sync_resume``: with the workload in flight, ``pause("keep")``, ``sync_weights`` (a
-  safetensors folder the workers read = ``sync_ms``; then the same weights as tensors over our
-  gloo group = ``sync_tensors_ms``; ``--sync-bytes`` also times the raw-byte RPC path), then
+* ``pause_sync_resume``: with the workload in flight, ``pause("keep")``, ``sync_weights`` (new
+  weights as tensors, the default transport: our gloo group into the engine process =
+  ``sync_ms``; ``--sync-bytes`` also times the raw-byte RPC path), then
   ``resume()``: each step timed, all records accounted for afterwards, and how many records
   span two weight versions.
 """
@@ -76,7 +76,7 @@ class Results:
         psr = d.get("pause_sync_resume", {})
         if "pause_ms" in psr:
             lines += [f"pause(keep) {psr['pause_ms']:.1f} ms, sync {psr['sync_ms']:.1f} ms ({psr['sync_transport']}), "
-                      f"resume {psr['resume_ms']:.1f} ms, total {psr['total_ms']:.1f} ms (pause + folder sync + resume); "
+                      f"resume {psr['resume_ms']:.1f} ms, total {psr['total_ms']:.1f} ms (pause + tensor sync + resume); "
                       f"tensor sync {psr.get('sync_tensors_ms', float('nan')):.1f} ms ({psr.get('sync_tensors_transport')}); "
                       f"records accounted: {psr['accounted']}, spanning two versions: {psr.get('spanning_records')}", ""]
         for k, v in d.items():
@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--consume", type=int, default=None, help="records to consume (default: all but the tail)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--gpu-mem", type=float, default=0.6)
+    ap.add_argument("--sections", default="long_tail,ours_vs_raw,pause_sync_resume",
+                    help="comma-separated sections to run after the engine starts")
     ap.add_argument("--sync-bytes", action="store_true", help="also time the raw-byte RPC weight path (slow at 8B)")
     args = ap.parse_args(argv)
     if args.tiny:
@@ -189,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         return {"sync_seconds": sync_s, "async_seconds": async_s, "speedup": sync_s / async_s,
                 "output_tokens": toks, "consumed": consume}
 
-    res.section("long_tail", long_tail)
+    if "long_tail" in args.sections:
+        res.section("long_tail", long_tail)
 
     async def raw_once() -> tuple[float, int]:
         from vllm import SamplingParams
@@ -217,17 +220,14 @@ def main(argv: list[str] | None = None) -> int:
         return {"ours_seconds": o[0], "raw_seconds": r[0], "ours_tokens_per_s": o[1] / o[0],
                 "raw_tokens_per_s": r[1] / r[0], "ratio": (o[1] / o[0]) / (r[1] / r[0]), "repeats": args.repeats}
 
-    res.section("ours_vs_raw", ours_vs_raw)
+    if "ours_vs_raw" in args.sections:
+        res.section("ours_vs_raw", ours_vs_raw)
 
     def pause_sync_resume() -> dict[str, Any]:
-        from safetensors.torch import save_file
-
+        # tensors, not a folder: vLLM 0.24 refuses to reload an engine started with dummy weights
+        # from a folder ("Model reloading with `dummy` format")
         expected = expected_hf_weights(str(model_dir))
         weights = random_weights(expected, tdtype, "cpu", seed=1)
-        folder = work / "weights"
-        folder.mkdir(exist_ok=True)
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "model.safetensors"))
-        (folder / "config.json").write_text((model_dir / "config.json").read_text())
         out: dict[str, Any] = {}
 
         async def go() -> None:
@@ -236,12 +236,11 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             await b.pause("keep")
             t1 = time.perf_counter()
-            rep = b.sync_weights(str(folder))
+            # the new weights as tensors: the default transport (our gloo group into the engine
+            # process); with --sync-bytes also the raw-byte RPC transport
+            rep = b.sync_weights(weights)
             t2 = time.perf_counter()
-            # the same weights as tensors: the default transport (our gloo group into the engine
-            # process), and with --sync-bytes the raw-byte RPC transport
-            rep_g = b.sync_weights(weights)
-            out["sync_tensors_ms"], out["sync_tensors_transport"] = rep_g.seconds * 1e3, rep_g.transport
+            out["sync_tensors_ms"], out["sync_tensors_transport"] = rep.seconds * 1e3, rep.transport
             if args.sync_bytes:
                 b.options.sync_transport = "rpc"
                 try:
@@ -261,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(go())
         return out
 
-    res.section("pause_sync_resume", pause_sync_resume)
+    if "pause_sync_resume" in args.sections:
+        res.section("pause_sync_resume", pause_sync_resume)
     b.shutdown()
     res.markdown()
     print((Path(args.out) / "async_gpu.md").read_text())

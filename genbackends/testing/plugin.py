@@ -39,6 +39,7 @@ class KitSettings:
     config_file: str | None
     overrides: list[str]
     logprob_tol: float
+    repeat_tol: float
     skip: set[str] = field(default_factory=set)
 
 
@@ -53,6 +54,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="config override, repeatable (e.g. options.vllm.enforce_eager=true)")
     g.addoption("--genbackends-logprob-tol", type=float, default=1e-3, metavar="TOL",
                 help="absolute tolerance of logprobs vs the float64 reference (default 1e-3)")
+    g.addoption("--genbackends-repeat-tol", type=float, default=1e-5, metavar="TOL",
+                help="how far two identical greedy generate calls may differ (default 1e-5; GPU kernels "
+                     "are not bitwise repeatable, e.g. 1e-4 there)")
     g.addoption("--genbackends-skip", action="append", default=[], metavar="CHECK[,CHECK]",
                 help=f"checks that do not apply to this backend: {', '.join(CHECKS)}")
 
@@ -72,6 +76,7 @@ def _settings(config: pytest.Config) -> KitSettings:
         config_file=config.getoption("--genbackends-config"),
         overrides=list(config.getoption("--genbackends-set")),
         logprob_tol=config.getoption("--genbackends-logprob-tol"),
+        repeat_tol=config.getoption("--genbackends-repeat-tol"),
         skip=skip,
     )
 

@@ -14,6 +14,11 @@ Every rank walks the same units in the same order, so the point-to-point message
 
 Use :meth:`MegatronMoEWeightSource.sync` on every trainer rank (``backend`` on the engine rank,
 None elsewhere).
+
+The direct path (one trainer process): the same plan machinery as the dense source
+(:mod:`genbackends_megatron.direct`) maps the expert shards onto the per-expert slices of the
+fused expert tensors the engine publishes (vLLM's ``w13_weight[e]`` / ``w2_weight[e]``), and the
+engine's writer copies them in place: no HF tensor is assembled.
 """
 from __future__ import annotations
 
@@ -59,6 +64,8 @@ class MegatronMoEWeightSource:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.owner = _owners(self.layout)
         self.peak_extra_bytes = 0
+        self.direct_transport = "auto"
+        self._direct_cache: dict = {}
 
     # ---- WeightSource -------------------------------------------------------------------
     def manifest(self) -> dict[str, TensorSpec]:
@@ -124,13 +131,53 @@ class MegatronMoEWeightSource:
                     t.narrow(p.axis, p.dst_lo, p.length).copy_(got[p.src].narrow(p.axis, p.src_lo, p.length))
                 yield hf, t
 
+    # ---- DirectWeightSource (one trainer process) --------------------------------------------
+    def validate_direct(self, target: Any) -> None:
+        """Plan the shards into the target's published layout (per-expert slices of its fused
+        tensors) and check them; raises :class:`WeightSyncError` naming the shard or parameter."""
+        from genbackends_megatron.direct import validate_direct
+
+        self._require_one_process()
+        validate_direct(self, target)
+
+    def write_direct(self, target: Any, *, collective: bool = False, refusal: BaseException | None = None,
+                     check_finite: bool = False) -> dict[str, Any] | None:
+        """Write the shards straight into the engine (called by ``backend.sync_weights(source,
+        path="direct")``)."""
+        from genbackends_megatron.direct import write_direct_local
+
+        if collective:
+            raise WeightSyncError("the MoE direct path runs in one trainer process; with several ranks use "
+                                  "sync(backend) (the universal path)")
+        self._require_one_process()
+        return write_direct_local(self, target)
+
+    def _require_one_process(self) -> None:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            raise WeightSyncError(f"the MoE direct path runs in one trainer process (world size "
+                                  f"{dist.get_world_size()}); use sync(backend) (the universal path)")
+
     # ---- collective driver ----------------------------------------------------------------
-    def sync(self, backend: Any | None, *, probes: Sequence[Sequence[int]] | None = None) -> SyncReport | None:
-        """Collective universal sync: call on every trainer rank, ``backend`` on the engine rank.
-        Every rank's shard check and the engine's manifest check are agreed before any byte moves
-        (a refusal raises on every rank, naming the problem). With ``probes`` (token-id lists),
-        ``report.parity`` compares the engine's prompt logprobs with this model's forward."""
+    def sync(self, backend: Any | None, *, path: str = "universal",
+             probes: Sequence[Sequence[int]] | None = None) -> SyncReport | None:
+        """Collective sync: call on every trainer rank, ``backend`` on the engine rank. ``path``:
+        ``"universal"`` (HF tensors gathered to the engine rank) or ``"direct"`` (one trainer
+        process: shards written into the engine's fused expert tensors). Every rank's shard check
+        and the engine's manifest check are agreed before any byte moves (a refusal raises on every
+        rank, naming the problem). With ``probes`` (token-id lists), ``report.parity`` compares the
+        engine's prompt logprobs with this model's forward."""
+        if path not in ("universal", "direct"):
+            raise WeightSyncError(f"path must be 'universal' or 'direct', got {path!r}")
         has_engine = backend is not None and self.rank == self.engine_rank
+        if path == "direct":
+            report = backend.sync_weights(self, path="direct") if has_engine else None
+            if probes:
+                from genbackends_megatron.verify import parity
+
+                par = parity(self.model, backend if has_engine else None, probes)
+                if report is not None:
+                    report.parity = par
+            return report
         t0 = time.perf_counter()
         err = self.check_local()
         if has_engine and err is None:

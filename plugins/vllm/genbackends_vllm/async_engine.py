@@ -294,6 +294,10 @@ class VLLMRolloutEngine(RolloutEngine):
             fused = check_fused_groups(manifest, expected)
             if fused:
                 raise WeightSyncError("weight sync rejected, nothing written: " + "; ".join(fused[:3]))
+            if folder is not None and self.kwargs.get("load_format") == "dummy":
+                # vLLM 0.24 refuses it inside the engine ("Model reloading with `dummy` format")
+                raise WeightSyncError("weight sync rejected, nothing written: an engine started with "
+                                      "options.vllm.load_format=dummy cannot reload from a folder; sync tensors instead")
         nbytes = sum(s.nbytes for s in manifest.values())
         try:
             with timer.phase("load"):

