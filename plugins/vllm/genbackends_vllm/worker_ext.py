@@ -4,7 +4,8 @@ through ``collective_rpc`` so no callable has to be pickled.
 
 Every reload goes through :meth:`WeightSyncExtension.genbackends_reload`, which follows vLLM's
 ``reload_weights`` with the platform fix-ups it misses (:func:`compat.repack_vocab_gemms`: a tied
-LM head on the CPU), so the engine is correct after any transport."""
+LM head on the CPU; :func:`compat.repack_cpu_moe_experts`: fused experts on the CPU), so the
+engine is correct after any transport."""
 from __future__ import annotations
 
 from typing import Any
@@ -22,12 +23,17 @@ class WeightSyncExtension:
         then re-pack what it leaves stale; returns how many layers were re-packed. A reload that
         raises half way is undone first (its layers put back from the meta device), so a
         snapshot restore finds a consistent model."""
+        names = None
+        if weights_iterator is not None:
+            weights_iterator = list(weights_iterator)  # the names tell which experts to re-pack
+            names = [n for n, _ in weights_iterator]
         try:
             self.reload_weights(weights_iterator=weights_iterator, weights_path=weights_path)  # type: ignore[attr-defined]
         except BaseException:
             abort_layerwise_reload(compat.worker_model(self))
             raise
-        return compat.repack_vocab_gemms(compat.worker_model(self))
+        model = compat.worker_model(self)
+        return compat.repack_vocab_gemms(model) + compat.repack_cpu_moe_experts(model, names)
 
     # ---- atomic syncs (see genbackends_vllm.snapshot) -------------------------------------
     def genbackends_snapshot(self, hf_names: list[str] | None) -> dict[str, float]:
