@@ -8,7 +8,7 @@ by transformers, must give Megatron's logits (an independent check of the mappin
 Coverage (every engine case costs 15-30 s on 2 cores and CI must stay under 30 minutes, so each
 architecture appears in a subset of layouts; every one reaches TP > 1, PP > 1 and vLLM TP 2):
   (1,1): llama, qwen2, qwen3 x vLLM TP 1 (in-process engine), export, bad inputs
-  (2,1): qwen3 x vLLM TP 1; a llama with ONE KV head x vLLM TP 2 (KV-head replication in vLLM,
+  (2,1): qwen2 x vLLM TP 1; a llama with ONE KV head x vLLM TP 2 (KV-head replication in vLLM,
          num_query_groups 1 < Megatron TP 2)
   (1,2) with virtual pipeline 2 (4-layer models: chunks hold layers [0],[2] and [1],[3]):
          qwen2 (tied embeddings across stages) x vLLM TP 1 and 2, llama x vLLM TP 1
@@ -34,7 +34,7 @@ import vllm  # noqa: E402,F401  (a missing or broken engine must fail, not skip)
 ARCHS = ("llama", "qwen2", "qwen3")
 LAYOUTS = {
     (1, 1): (29710, {"llama": [1], "qwen2": [1], "qwen3": [1]}, True, ("qwen2",)),
-    (2, 1): (29720, {"qwen3": [1], "llama_kv1": [2]}, False, ()),
+    (2, 1): (29720, {"qwen2": [1], "llama_kv1": [2]}, False, ()),
     (1, 2): (29730, {"llama_l4": [1], "qwen2_l4": [1, 2]}, False, ()),
     (2, 2): (29740, {"qwen3": [1, 2]}, True, ("qwen3",)),
     (4, 1): (29750, {"llama": [1]}, False, ("llama",)),
