@@ -58,23 +58,6 @@ def test_unknown_scenario_is_a_one_line_error(tmp_path):
     assert "--scenarios: unknown scenario 'x'" in proc.stderr.strip().splitlines()[-1]
 
 
-@pytest.mark.slow
-def test_cpu_scenario_d_four_ranks_separate(tmp_path):
-    """Scenario d with 4 ranks: Megatron TP2 (ranks 0-1, own default group) -> vLLM TP2
-    (external_launcher on ranks 2-3, own default group) over a WeightChannel; parity to 1e-4."""
-    out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu", "--gpus", "4", "--scenarios", "d", "--out", str(out),
-                           "--port-base", "30150", "--repeats", "2", "--timeout", "240"],
-                          capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    run = json.loads((out / "d_separate.json").read_text())["runs"][0]
-    assert run["status"] == "ok", run.get("log_tail")
-    r = run["result"]
-    assert r["trainer_tp"] == 2 and r["engine_tp"] == 2
-    assert r["parity_before_sync"]["max_abs_diff"] > 1e-2
-    p = r["paths"]["universal"]
-    assert p["parity"]["max_abs_diff"] <= 1e-4 and p["ok"] is True
-    assert p["sender"]["bytes"] >= r["model_bytes"] * 0.99  # the whole model crossed the channel
-    assert p["last"]["num_tensors"] == p["sender"]["tensors"]
-    md = (out / "summary.md").read_text()
-    assert "| d | TP2 (GPUs 0-1) | TP2 (GPUs 2-3) | universal |" in md
+# Scenario d (Megatron TP 2 -> a separate vLLM TP 2 over a WeightChannel) is not run here on the
+# CPU: its mechanism is tests/test_weight_channel.py::test_megatron_tp2_to_separate_engine, and
+# CI must stay under 30 minutes. It runs on GPUs: benchmarks/results/h100x4-multigpu.
