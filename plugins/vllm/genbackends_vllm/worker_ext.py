@@ -24,7 +24,7 @@ class WeightSyncExtension:
         raises half way is undone first (its layers put back from the meta device), so a
         snapshot restore finds a consistent model."""
         names = None
-        if weights_iterator is not None:
+        if weights_iterator is not None and compat.is_cpu_platform():
             weights_iterator = list(weights_iterator)  # the names tell which experts to re-pack
             names = [n for n, _ in weights_iterator]
         try:
