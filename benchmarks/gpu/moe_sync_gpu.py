@@ -52,6 +52,11 @@ SIZES = {
     "30b-a3b-l8": dict(_Q30, num_hidden_layers=8),
     "tiny": dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                  num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128, intermediate_size=512, vocab_size=300),
+    # the expert count and depth of the 24-layer row with tiny tensors: the per-tensor (Python)
+    # costs of a sync, without the bytes (CPU profiling)
+    "tiny-wide": dict(hidden_size=64, num_hidden_layers=24, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      num_experts=128, num_experts_per_tok=8, moe_intermediate_size=16, intermediate_size=128,
+                      vocab_size=300),
 }
 
 
@@ -193,6 +198,7 @@ def run(args, device) -> dict:
     from genbackends_megatron.moe_source import MegatronMoEWeightSource
 
     name = "tiny" if args.tiny else args.size
+    args.tiny = name.startswith("tiny")
     dtype = torch.float32 if args.tiny and not torch.cuda.is_available() else torch.bfloat16
     dname = "float32" if dtype == torch.float32 else "bfloat16"
     shape = SIZES[name]
@@ -309,7 +315,8 @@ def markdown(out: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--size", default="30b-a3b-l24", choices=[s for s in SIZES if s != "tiny"])
+    ap.add_argument("--size", default="30b-a3b-l24", choices=[s for s in SIZES if s != "tiny"],
+                    help="tiny-wide: the 24-layer row's 3,072 experts with tiny tensors (CPU profiling)")
     ap.add_argument("--tiny", action="store_true", help="CPU debug run on a tiny shape")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=16)
@@ -332,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
            "rows": [row]}
     od = Path(args.out)
     od.mkdir(parents=True, exist_ok=True)
-    tag = "tiny" if args.tiny else "gpu"
+    tag = args.size if args.size.startswith("tiny") else ("tiny" if args.tiny else "gpu")
     (od / f"moe_sync_{tag}.json").write_text(json.dumps(out, indent=1))
     (od / f"moe_sync_{tag}.md").write_text(markdown(out))
     print(markdown(out))

@@ -102,10 +102,39 @@ def _execute(st: DirectState, target: Any, srcs: dict, mode: str = "auto", dtype
 # ---------------------------------------------------------------------------------------------
 # Several trainer ranks
 # ---------------------------------------------------------------------------------------------
+def agree_then_write(source: Any, target: Any | None, refusal: BaseException | None,
+                     check_finite: bool) -> dict[str, Any] | None:
+    """The collective form of ``source.write_direct``, the same for dense and MoE sources: every
+    trainer rank agrees on its own shard check (and NaN/Inf check with ``check_finite``) and on the
+    backend's ``refusal`` before any byte moves (a rank refused by its backend raises that error,
+    the others a :class:`WeightSyncError` naming it); then :func:`write_direct_collective`."""
+    err = f"{type(refusal).__name__}: {refusal}" if refusal is not None else source.check_local()
+    if err is None and check_finite:  # every rank checks its own shards; all agree below
+        err = source.nonfinite_problem()
+    try:
+        agree(err)
+    except WeightSyncError:
+        if refusal is not None:
+            raise refusal from None
+        raise
+    return write_direct_collective(source, target)
+
+
+def nonfinite_problem(source: Any, label: Any) -> str | None:
+    """The first NaN/Inf among this rank's shards of ``source`` (named by ``label(key)``), as a
+    refusal line, or None. One fused reduction per tensor where the shards are, one host sync."""
+    from genbackends.sync_safety import nonfinite_problem as first_nonfinite
+
+    shards = source.model.named_shards()
+    problem = first_nonfinite([(label(k), t.detach()) for k, t in shards.items()])
+    return f"weight sync rejected, nothing written: {problem}" if problem else None
+
+
 def write_direct_collective(source: Any, backend: Any | None) -> dict[str, Any] | None:
     """Collective over trainer ranks (reached through ``backend.sync_weights(source,
     path="direct", collective=True)`` on engine ranks); the engine host
-    (``source.engine_ranks[0]``) holds the backend. Returns the host's write details
+    (``source.engine_ranks[0]``) holds the backend; ``source.shard_owner(key)`` names the trainer
+    rank that sends each Megatron shard (dense or expert). Returns the host's write details
     (``transport``, ``num_tensors``, ``bytes_moved``, ``phases``, ``details``) for the backend's
     report, None elsewhere. With several engine ranks (colocated engine workers, one per rank) each
     writes its own worker (:mod:`genbackends_megatron.direct_colocated`)."""
@@ -116,8 +145,7 @@ def write_direct_collective(source: Any, backend: Any | None) -> dict[str, Any] 
 
         return write_direct_colocated(source, backend)
     timer = PhaseTimer()
-    topo = source.topo
-    me = topo.rank
+    me = dist.get_rank() if dist.is_initialized() else 0
     host = source.engine_ranks[0]
     err, st, fresh = None, None, None
     if me == host:
@@ -146,8 +174,7 @@ def write_direct_collective(source: Any, backend: Any | None) -> dict[str, Any] 
     # Slices living on other trainer ranks travel to the host, one packed buffer per rank.
     remote: dict[int, list] = defaultdict(list)
     for p in plan.pieces:
-        pp, v, t = p.src[0]
-        owner = topo.where[(pp, t)]
+        owner = source.shard_owner(p.src)
         if owner != host:
             remote[owner].append(p)
     moved = 0

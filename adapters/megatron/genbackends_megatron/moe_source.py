@@ -15,10 +15,11 @@ Every rank walks the same units in the same order, so the point-to-point message
 Use :meth:`MegatronMoEWeightSource.sync` on every trainer rank (``backend`` on the engine rank,
 None elsewhere).
 
-The direct path (one trainer process): the same plan machinery as the dense source
-(:mod:`genbackends_megatron.direct`) maps the expert shards onto the per-expert slices of the
-fused expert tensors the engine publishes (vLLM's ``w13_weight[e]`` / ``w2_weight[e]``), and the
-engine's writer copies them in place: no HF tensor is assembled.
+The direct path: the same plan machinery as the dense source (:mod:`genbackends_megatron.direct`)
+maps the expert shards onto the per-expert slices of the fused expert tensors the engine publishes
+(vLLM's ``w13_weight[e]`` / ``w2_weight[e]``), and the engine's writer copies them in place: no HF
+tensor is assembled. With several trainer ranks the engine rank receives the slices it lacks from
+the ranks owning them (one packed buffer per rank), as for a dense source.
 """
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ class MegatronMoEWeightSource:
         self.model = model
         self.dims, self.par, self.dtype = model.dims, model.par, model.dtype
         self.engine_rank = engine_rank
+        self.engine_ranks = (engine_rank,)  # the direct path's collective form reads this
         self.bucket_bytes = bucket_bytes
         self.layout = megatron_layout(self.dims, self.par, self.dtype)
         self.plan = make_plan(self.layout, hf_layout(self.dims, self.dtype))
@@ -78,6 +80,7 @@ class MegatronMoEWeightSource:
 
     def check_local(self) -> str | None:
         """This rank's shards against the layout (names, shapes, dtypes); the problem or None."""
+        self.__dict__.pop("_checked_shards", None)
         try:
             shards = self.model.named_shards()
         except WeightSyncError as e:
@@ -89,7 +92,10 @@ class MegatronMoEWeightSource:
                   for k, t in shards.items() if k in want and tuple(t.shape) != want[k].shape]
         probs += [f"wrong shard {_where(k)}: dtype {t.dtype}, expected {want[k].dtype}"
                   for k, t in shards.items() if k in want and t.dtype != want[k].dtype]
-        return ("weight sync rejected, nothing written: " + "; ".join(probs[:4])) if probs else None
+        if probs:
+            return "weight sync rejected, nothing written: " + "; ".join(probs[:4])
+        self._checked_shards = shards  # the next one-process write_direct of this sync reuses them
+        return None
 
     def iter_buckets(self, bucket_bytes: int | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """Collective: every trainer rank iterates (only the engine rank gets tensors)."""
@@ -135,45 +141,66 @@ class MegatronMoEWeightSource:
                     t.narrow(p.axis, p.dst_lo, p.length).copy_(got[p.src].narrow(p.axis, p.src_lo, p.length))
                 yield hf, t
 
-    # ---- DirectWeightSource (one trainer process) --------------------------------------------
+    # ---- DirectWeightSource ------------------------------------------------------------------
     def validate_direct(self, target: Any) -> None:
         """Plan the shards into the target's published layout (per-expert slices of its fused
-        tensors) and check them; raises :class:`WeightSyncError` naming the shard or parameter."""
+        tensors) and check them (one trainer process; several ranks use ``sync(backend,
+        path="direct")``); raises :class:`WeightSyncError` naming the shard or parameter."""
         from genbackends_megatron.direct import validate_direct
 
         self._require_one_process()
         validate_direct(self, target)
 
+    def nonfinite_problem(self) -> str | None:
+        """The first NaN/Inf among this rank's shards, named (one line), or None."""
+        from genbackends_megatron.direct import nonfinite_problem
+
+        return nonfinite_problem(self, _where)
+
+    def shard_owner(self, key: Key) -> int:
+        """The global trainer rank that sends Megatron shard ``key``: data-parallel rank 0 of its
+        (pp, tp) for dense shards, expert-data-parallel rank 0 of its (pp, etp, ep) for experts."""
+        return self.owner[key]
+
     def write_direct(self, target: Any, *, collective: bool = False, refusal: BaseException | None = None,
                      check_finite: bool = False) -> dict[str, Any] | None:
-        """Write the shards straight into the engine (called by ``backend.sync_weights(source,
-        path="direct")``)."""
-        from genbackends_megatron.direct import write_direct_local
+        """Write the shards straight into the engine's parameters (called by
+        ``backend.sync_weights(source, path="direct")``). One trainer process: plan and write.
+        ``collective=True`` (every trainer rank, ``target`` None off the engine rank): the ranks
+        agree on their shard checks and the backend's ``refusal``, then the engine rank plans,
+        receives the expert and dense slices it lacks (one packed buffer per sending rank) and
+        hands them to the engine's writer, as for a dense source
+        (:func:`genbackends_megatron.direct.write_direct_collective`)."""
+        from genbackends_megatron.direct import agree_then_write, write_direct_local
 
         if collective:
-            raise WeightSyncError("the MoE direct path runs in one trainer process; with several ranks use "
-                                  "sync(backend) (the universal path)")
+            return agree_then_write(self, target, refusal, check_finite)
         self._require_one_process()
         return write_direct_local(self, target)
 
     def _require_one_process(self) -> None:
         if dist.is_initialized() and dist.get_world_size() > 1:
-            raise WeightSyncError(f"the MoE direct path runs in one trainer process (world size "
-                                  f"{dist.get_world_size()}); use sync(backend) (the universal path)")
+            raise WeightSyncError(f"a one-process direct sync with {dist.get_world_size()} trainer ranks: call "
+                                  f"sync(backend, path='direct') on every rank (the collective form)")
 
     # ---- collective driver ----------------------------------------------------------------
     def sync(self, backend: Any | None, *, path: str = "universal",
-             probes: Sequence[Sequence[int]] | None = None) -> SyncReport | None:
+             probes: Sequence[Sequence[int]] | None = None, check_finite: bool = True) -> SyncReport | None:
         """Collective sync: call on every trainer rank, ``backend`` on the engine rank. ``path``:
-        ``"universal"`` (HF tensors gathered to the engine rank) or ``"direct"`` (one trainer
-        process: shards written into the engine's fused expert tensors). Every rank's shard check
-        and the engine's manifest check are agreed before any byte moves (a refusal raises on every
-        rank, naming the problem). With ``probes`` (token-id lists), ``report.parity`` compares the
-        engine's prompt logprobs with this model's forward."""
+        ``"universal"`` (HF tensors gathered to the engine rank) or ``"direct"`` (shards written
+        into the engine's fused expert tensors; with several ranks the engine rank receives the
+        slices it lacks). Every rank's shard check and the engine's manifest or plan check are
+        agreed before any byte moves (a refusal raises on every rank, naming the problem); on the
+        direct path every rank also checks its own shards for NaN/Inf (``check_finite``; the
+        engine rank follows its backend's option). With ``probes`` (token-id lists),
+        ``report.parity`` compares the engine's prompt logprobs with this model's forward."""
         if path not in ("universal", "direct"):
             raise WeightSyncError(f"path must be 'universal' or 'direct', got {path!r}")
         has_engine = backend is not None and self.rank == self.engine_rank
-        report = self._sync_direct(backend, has_engine) if path == "direct" else self._sync_universal(backend, has_engine)
+        if path == "direct":
+            report = self._sync_direct(backend, has_engine, check_finite)
+        else:
+            report = self._sync_universal(backend, has_engine)
         if probes:
             from genbackends_megatron.verify import parity
 
@@ -182,8 +209,14 @@ class MegatronMoEWeightSource:
                 report.parity = par
         return report
 
-    def _sync_direct(self, backend: Any | None, has_engine: bool) -> SyncReport | None:
-        return backend.sync_weights(self, path="direct") if has_engine else None
+    def _sync_direct(self, backend: Any | None, has_engine: bool, check_finite: bool) -> SyncReport | None:
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return backend.sync_weights(self, path="direct") if has_engine else None
+        # Several ranks: every sync still enters through the backend, in its collective form.
+        if has_engine:
+            return backend.sync_weights(self, path="direct", collective=True)
+        self.write_direct(None, collective=True, check_finite=check_finite)
+        return None
 
     def _sync_universal(self, backend: Any | None, has_engine: bool) -> SyncReport | None:
         t0 = time.perf_counter()

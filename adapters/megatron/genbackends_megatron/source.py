@@ -215,11 +215,15 @@ class MegatronWeightSource:
     def nonfinite_problem(self) -> str | None:
         """The first NaN/Inf among this rank's shards, named (one line), or None. Read where the
         shards are: one fused max-abs reduction per tensor, one host sync."""
-        from genbackends.sync_safety import nonfinite_problem
+        from genbackends_megatron.direct import nonfinite_problem
 
-        shards = self.model.named_shards()
-        problem = nonfinite_problem([(f"{_loc(k)} {k[1]}", t.detach()) for k, t in shards.items()])
-        return f"weight sync rejected, nothing written: {problem}" if problem else None
+        return nonfinite_problem(self, lambda k: f"{_loc(k)} {k[1]}")
+
+    def shard_owner(self, key: tuple) -> int:
+        """The global trainer rank that sends Megatron shard ``key`` (data-parallel rank 0 of its
+        (pp, tp))."""
+        (pp, _v, t), _name = key
+        return self.topo.where[(pp, t)]
 
     def write_direct(self, target: Any, *, collective: bool = False, refusal: BaseException | None = None,
                      check_finite: bool = False) -> dict[str, Any] | None:
@@ -229,22 +233,11 @@ class MegatronWeightSource:
         rank's shard check and the backend's ``refusal`` (a rank refused by its backend raises
         that error, the others a :class:`WeightSyncError` naming it), then the collective write.
         Returns the write details on engine ranks, None elsewhere."""
+        from genbackends_megatron.direct import agree_then_write, write_direct_local
+
         if not collective:
-            from genbackends_megatron.direct import write_direct_local
-
             return write_direct_local(self, target)
-        from genbackends_megatron.direct import write_direct_collective
-
-        err = f"{type(refusal).__name__}: {refusal}" if refusal is not None else self.check_local()
-        if err is None and check_finite:  # every rank checks its own shards; all agree below
-            err = self.nonfinite_problem()
-        try:
-            agree(err)
-        except WeightSyncError:
-            if refusal is not None:
-                raise refusal from None
-            raise
-        return write_direct_collective(self, target)
+        return agree_then_write(self, target, refusal, check_finite)
 
 
 class _HFNamed:
