@@ -54,8 +54,8 @@ SIZES = {
                  num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128, intermediate_size=512, vocab_size=300),
     # the expert count and depth of the 24-layer row with tiny tensors: the per-tensor (Python)
     # costs of a sync, without the bytes (CPU profiling)
-    "tiny-wide": dict(hidden_size=64, num_hidden_layers=24, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                      num_experts=128, num_experts_per_tok=8, moe_intermediate_size=16, intermediate_size=128,
+    "tiny-wide": dict(hidden_size=64, num_hidden_layers=24, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                      num_experts=128, num_experts_per_tok=8, moe_intermediate_size=32, intermediate_size=128,
                       vocab_size=300),
 }
 

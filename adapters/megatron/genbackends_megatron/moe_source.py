@@ -69,6 +69,7 @@ class MegatronMoEWeightSource:
         self.units = _units(self.plan.pieces)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.owner = _owners(self.layout)
+        self._local_layout = model.local_layout()  # fixed for the model's lifetime (6k entries at 30B-A3B)
         self.peak_extra_bytes = 0
         self.direct_transport = "auto"
         self._direct_cache: dict = {}
@@ -85,7 +86,7 @@ class MegatronMoEWeightSource:
             shards = self.model.named_shards()
         except WeightSyncError as e:
             return str(e)
-        want = self.model.local_layout()
+        want = self._local_layout
         probs = [f"missing Megatron parameter {_where(k)}" for k in want if k not in shards]
         probs += [f"unexpected Megatron parameter {_where(k)}" for k in shards if k not in want]
         probs += [f"wrong shard {_where(k)}: shape {tuple(t.shape)}, expected {want[k].shape}"
