@@ -10,9 +10,14 @@ HF-named tensors (a second model of the same shape) are synced by both transport
 * ``ours/group``: our own gloo group (:mod:`genbackends_vllm.transport`): each bucket broadcast,
   then ``reload_weights`` on the worker (what ``sync_weights`` does today for worker processes);
 * ``vllm/transfer_engine``: vLLM's API ``start_weight_update`` -> ``update_weights`` per bucket ->
-  ``finish_weight_update`` (its layerwise reload); the wire is vLLM's ``nccl`` engine on CUDA and
+  ``finish_weight_update`` (its layerwise reload); the wire is vLLM's ``ipc`` engine on CUDA when
+  the engine's worker shares the trainer's GPU (CUDA IPC handles: the worker reads the trainer's
+  tensors in place), its ``nccl`` engine when it has a GPU of its own, and
   :class:`genbackends_vllm.weight_transfer.GlooWeightTransferEngine` (registered in vLLM's factory)
   on the CPU, where vLLM's engines need CUDA.
+
+On one GPU our group is gloo through host memory (NCCL refuses two ranks on one device): the
+comparison is then what the colocated, separate-process case costs each way.
 
 Before each timed sync the engine is put back on the base weights (untimed), so every sync
 changes them; after each, the engine's prompt logprobs are compared with transformers' forward on
@@ -82,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--bucket-mb", type=int, default=256)
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--engine-gpu", choices=["auto", "same", "other"], default="auto",
+                    help="CUDA: the engine's worker on the trainer's GPU (vLLM's ipc engine) or on a second "
+                         "GPU (its nccl engine); auto: other when there are 2 GPUs")
     args = ap.parse_args(argv)
 
     import torch
@@ -92,15 +100,17 @@ def main(argv: list[str] | None = None) -> int:
     from genbackends_vllm.engine import LocalEngine
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    same_gpu = device == "cuda" and (args.engine_gpu == "same" or torch.cuda.device_count() < 2)
     if device == "cuda":
-        # NCCL refuses two ranks on one GPU: this process (the sender) keeps GPU 0, the engine's
-        # worker processes see only the second GPU (CUDA here is initialised before the change).
-        if torch.cuda.device_count() < 2:
-            raise SystemExit("transfer_engines.py --device cuda needs 2 GPUs (sender and engine on different GPUs)")
         torch.cuda.set_device(0)
         torch.zeros(1, device="cuda")
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(str(i) for i in range(torch.cuda.device_count())))
-        os.environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[1]
+        if not same_gpu:
+            # NCCL refuses two ranks on one GPU: this process (the sender) keeps GPU 0, the engine's
+            # worker processes see only the second GPU (CUDA here is initialised before the change).
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(str(i) for i in range(torch.cuda.device_count())))
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[1]
+        # the engine's worker is a child process started after CUDA is initialised here
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     tmp = Path(tempfile.mkdtemp(prefix="transfer_engines_"))
     heads = max(4, args.hidden // 64)
@@ -118,10 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     kw = dict(model=str(base), dtype=str(dtype).replace("torch.", ""), enforce_eager=True, max_model_len=128,
               tensor_parallel_size=1, distributed_executor_backend="mp",
               worker_extension_cls="genbackends_vllm.weight_transfer.TransferWorkerExtension",
-              weight_transfer_config={"backend": weight_transfer.backend_for(device)})
+              weight_transfer_config={"backend": weight_transfer.backend_for(device, same_gpu)})
     kw.update(compat.kv_cache_args(0.3, 64 << 20 if device == "cpu" else None))
     engine = LocalEngine(kw, in_process=False).start()
-    result: dict = {"machine": platform.node(), "device": device, "vllm": compat.vllm_version(), "torch": torch.__version__,
+    result: dict = {"machine": platform.node(), "device": device, "transfer_engine": weight_transfer.backend_for(device, same_gpu),
+                    "card": torch.cuda.get_device_name(0) if device == "cuda" else None, "vllm": compat.vllm_version(), "torch": torch.__version__,
                     "cpus": os.cpu_count(), "model": {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab,
                                                       "dtype": str(dtype), "bytes": nbytes, "tensors": len(alt_pairs)},
                     "bucket_bytes": args.bucket_mb << 20, "reps": args.reps, "runs": {},
@@ -136,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ours(base_pairs)  # the first use opens our group
     setup = {"ours/group": time.perf_counter() - t0}
     t0 = time.perf_counter()
-    sender = weight_transfer.make_sender(engine.llm, 1, device)
+    sender = weight_transfer.make_sender(engine.llm, 1, device, same_gpu)
     sender.send(buckets(base_pairs))
     setup["vllm/transfer_engine"] = time.perf_counter() - t0
     methods = {"ours/group": ours, "vllm/transfer_engine": lambda pairs: sender.send(buckets(pairs))}
@@ -166,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "transfer_engines.json").write_text(json.dumps(result, indent=1))
-    lines = [f"# Separate-process weight sync: vLLM weight-transfer engine vs our group ({device})", "",
+    lines = [f"# Separate-process weight sync: vLLM weight-transfer engine ({result['transfer_engine']}) vs our group ({device}"
+             + (f", {result['card']}" if result["card"] else "") + ")", "",
              f"Machine `{result['machine']}` ({result['cpus']} CPUs), vLLM {result['vllm']}, torch {result['torch']}; "
              f"Llama-shaped model hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {result['model']['dtype']}, "
              f"{nbytes / 2**20:.1f} MiB in {len(alt_pairs)} tensors; engine TP 1 with its worker in another process; "

@@ -249,7 +249,18 @@ def _units(pieces: list[Piece]) -> list[tuple[list[Key], dict[str, list[Piece]]]
         by_hf[p.dst[1]].append(p)
     for srcs, _ in units.values():
         srcs.sort()
-    return list(units.values())
+    # Layer by layer: the engine takes a layer's experts as one fused unit (one bucket), so a
+    # layer's units must come together; in layout order (one parameter kind across all layers)
+    # half the model's expert copies waited for their layer to complete (out of memory at 30B).
+    # The same deterministic order on every rank, so the point-to-point messages still pair up.
+    return sorted(units.values(), key=lambda u: _layer_rank(next(iter(u[1]))))
+
+
+def _layer_rank(hf_name: str) -> float:
+    """Sort key of an HF tensor: the embedding first, then layer by layer, then the rest."""
+    if hf_name.startswith("model.layers."):
+        return int(hf_name.split(".")[2])
+    return -1 if "embed" in hf_name else float("inf")
 
 
 def _owners(layout: dict) -> dict[Key, int]:

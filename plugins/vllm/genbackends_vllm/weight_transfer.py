@@ -7,7 +7,8 @@ and ``ipc`` in 0.24; 0.32 adds ``nccl_m2n``, ``sparse_nccl``, ``sharded_rdt``). 
 the wire; vLLM owns the load (its layerwise reload: restore kernel layouts, ``load_weights``,
 re-process).
 
-On GPUs :class:`TransferEngineSender` drives vLLM's ``nccl`` engine. vLLM's engines all need CUDA,
+On GPUs :class:`NcclTransferSender` drives vLLM's ``nccl`` engine (trainer and engine on different
+GPUs) and :class:`IpcTransferSender` its ``ipc`` engine (one GPU shared by both processes). vLLM's engines all need CUDA,
 so on the CPU this module registers one more engine in vLLM's own factory,
 :class:`GlooWeightTransferEngine` (``backend: genbackends_gloo``): the same lifecycle as vLLM's
 NCCL engine (layerwise reload around the updates, ``load_weights`` per tensor) with a gloo
@@ -54,9 +55,13 @@ def register() -> bool:
     return True
 
 
-def backend_for(device: str) -> str:
-    """The transfer engine to use: vLLM's ``nccl`` for CUDA, ours (gloo) on the CPU."""
-    return "nccl" if device == "cuda" else GLOO_BACKEND
+def backend_for(device: str, same_gpu: bool = False) -> str:
+    """The transfer engine to use: on CUDA vLLM's ``ipc`` when the trainer's tensors and the
+    engine's worker share the GPU (NCCL refuses two ranks on one device), else its ``nccl``;
+    ours (gloo) on the CPU."""
+    if device != "cuda":
+        return GLOO_BACKEND
+    return "ipc" if same_gpu else "nccl"
 
 
 @dataclass
@@ -224,9 +229,46 @@ class NcclTransferSender(TransferEngineSender):
             pass
 
 
-def make_sender(llm: Any, num_workers: int, device: str) -> TransferEngineSender:
-    """The host side matching :func:`backend_for` ``(device)``."""
-    return NcclTransferSender(llm, num_workers) if device == "cuda" else TransferEngineSender(llm, num_workers)
+class IpcTransferSender:
+    """GPU host side for vLLM's own ``ipc`` engine (trainer and engine worker on one GPU, in
+    different processes): per bucket, vLLM's ``trainer_send_weights`` exports each tensor as a
+    CUDA IPC handle and hands the handles to ``update_weights``; the worker opens the trainer's
+    memory in place and runs its layerwise load. Only handles cross the process boundary. Not run
+    on the CPU machine."""
+
+    def __init__(self, llm: Any, num_workers: int = 1):
+        self.llm = llm
+        llm.init_weight_transfer_engine({"init_info": {}})  # no rendezvous for IPC
+
+    def send(self, buckets: Sequence[Sequence[tuple[str, torch.Tensor]]]) -> int:
+        from dataclasses import asdict
+
+        from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferEngine
+
+        def push(update_info: Any) -> None:
+            self.llm.update_weights({"update_info": asdict(update_info)})
+
+        sent = 0
+        self.llm.start_weight_update()
+        for bucket in buckets:
+            IPCWeightTransferEngine.trainer_send_weights(iter(bucket), {"send_mode": push})
+            sent += sum(t.numel() * t.element_size() for _, t in bucket)
+        self.llm.finish_weight_update()
+        return sent
+
+    def close(self) -> None:
+        try:
+            self.llm.shutdown_weight_transfer_engine()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def make_sender(llm: Any, num_workers: int, device: str, same_gpu: bool = False) -> Any:
+    """The host side matching :func:`backend_for` ``(device, same_gpu)``."""
+    backend = backend_for(device, same_gpu)
+    if backend == "ipc":
+        return IpcTransferSender(llm, num_workers)
+    return NcclTransferSender(llm, num_workers) if backend == "nccl" else TransferEngineSender(llm, num_workers)
 
 
 def _extension_base() -> type:
