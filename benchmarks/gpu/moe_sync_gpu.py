@@ -118,7 +118,7 @@ def copy_bandwidth(nbytes: int, device) -> float:
     return 2 * n * 2 / statistics.median(times)
 
 
-def make_engine(model_dir: Path, dtype: str, tiny: bool, routed: bool, mem_util: float = 0.45):
+def make_engine(model_dir: Path, dtype: str, tiny: bool, routed: bool, mem_util: float = 0.45, atomic: bool = True):
     from genbackends.config import GenConfig
     from genbackends.registry import get_registry
 
@@ -127,7 +127,7 @@ def make_engine(model_dir: Path, dtype: str, tiny: bool, routed: bool, mem_util:
         sampling={"temperature": 0.0, "max_new_tokens": 1},
         cache={"kv_cache_memory_bytes": 64 << 20} if tiny else {"gpu_memory_utilization": mem_util},
         options={"vllm": {"enforce_eager": True, "load_format": "dummy", "skip_tokenizer_init": True,
-                          "in_process": True, "bucket_bytes": 1 << 30,
+                          "in_process": True, "bucket_bytes": 1 << 30, "sync_atomic": atomic,
                           "engine_args": {"enable_return_routed_experts": True} if routed else {}}}))
     b = get_registry().create_backend(cfg)
     b.setup()
@@ -223,7 +223,9 @@ def run(args, device) -> dict:
     nbytes = sum(s.nbytes for s in src.manifest().values())
     row["hf_weight_bytes"] = nbytes
     t0 = time.perf_counter()
-    backend = make_engine(cfg_dir, dname, args.tiny, routed=torch.cuda.is_available(), mem_util=args.gpu_mem_util)
+    backend = make_engine(cfg_dir, dname, args.tiny, routed=torch.cuda.is_available(), mem_util=args.gpu_mem_util,
+                          atomic=not args.no_atomic)
+    row["sync_atomic"] = not args.no_atomic
     row["engine_init_s"] = time.perf_counter() - t0
     bw = copy_bandwidth(nbytes, device)
     row["copy_bandwidth_Bps"], row["copy_floor_s"] = bw, 2 * nbytes / bw
@@ -300,13 +302,15 @@ def markdown(out: dict) -> str:
     r = out["rows"][0]
     lines = [f"# MoE sync ({r['size']}, {r['dtype']}) on {out['machine']}", "",
              f"HF weight bytes {r['hf_weight_bytes'] / 1e9:.2f} GB, copy floor {r['copy_floor_s'] * 1e3:.2f} ms "
-             f"({r['copy_bandwidth_Bps'] / 1e12:.2f} TB/s read+write)", "",
-             "| path | median | x floor | parity max |", "|---|---|---|---|"]
+             f"({r['copy_bandwidth_Bps'] / 1e12:.2f} TB/s read+write); sync_atomic={r.get('sync_atomic', True)}", "",
+             "| path | median | x floor | parity max | phases (ms) |", "|---|---|---|---|---|"]
     for k, v in r["paths"].items():
         if "median_s" in v:
-            lines.append(f"| {k} | {v['median_s'] * 1e3:.1f} ms | {v['x_floor']:.2f} | {(v.get('parity') or {}).get('max_abs_diff')} |")
+            ph = ", ".join(f"{a} {b * 1e3:.0f}" for a, b in (v.get("phases") or {}).items())
+            lines.append(f"| {k} | {v['median_s'] * 1e3:.1f} ms | {v['x_floor']:.2f} | "
+                         f"{(v.get('parity') or {}).get('max_abs_diff')} | {ph} |")
         else:
-            lines.append(f"| {k} | - | - | {v.get('error')} |")
+            lines.append(f"| {k} | - | - | {v.get('error')} | |")
     lines += ["", "Bitwise equal to vLLM's load_weights (first/last layer, embedding, head): "
               + json.dumps(r.get("bitwise_vs_load_weights")), "", "Routing: " + json.dumps(r.get("routing"))]
     return "\n".join(lines) + "\n"
@@ -323,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bucket-mib", type=int, default=1024)
     ap.add_argument("--gpu-mem-util", type=float, default=0.45,
                     help="the engine's share of the card (the trainer's copy of the weights sits beside it)")
+    ap.add_argument("--no-atomic", action="store_true",
+                    help="options.vllm.sync_atomic=false: the universal path without its snapshot of the touched "
+                         "modules (the full 30B-A3B shape leaves no room for one beside two copies of the model)")
     args = ap.parse_args(argv)
     import torch
 
