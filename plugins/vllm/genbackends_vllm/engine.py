@@ -90,6 +90,7 @@ class LocalEngine:
         self.start_seconds = 0.0
         self.lock = threading.RLock()
         self._group: Any = None
+        self._sender: Any = None  # weight_transfer sender (sync_transport: transfer_engine)
         self.sync_port: int | None = None
         self._watch: Any = None  # liveness.EngineWatch of a multi-process engine
         self.dead_reason: str | None = None  # set once a death is seen; every later call raises
@@ -207,6 +208,12 @@ class LocalEngine:
             except Exception:
                 pass
         self._group = None
+        sender, self._sender = self._sender, None
+        if sender is not None and self.dead_reason is None:
+            try:
+                sender.close()
+            except Exception:  # noqa: BLE001 - the engine is going away anyway
+                pass
         try:
             engine = llm.llm_engine
             core = getattr(engine, "engine_core", None)
@@ -294,6 +301,10 @@ class LocalEngine:
                 self.collective_rpc("genbackends_reload_packed", args=(pack_bytes(pairs),))
             elif transport == "group":
                 self._send_over_group(pairs)
+            elif transport == "transfer_engine":
+                self.check_alive("nothing was sent")
+                # one weight update per bucket (vLLM's layerwise reload), as reload_weights does
+                self._transfer_sender().send([pairs], check=self.check_alive)
             else:
                 raise ValueError(f"unknown weight transport {transport!r}")
 
@@ -301,6 +312,20 @@ class LocalEngine:
         """Every worker reads the safetensors folder ``path`` itself and reloads in place."""
         with self.lock:
             self.collective_rpc("genbackends_reload", kwargs={"weights_path": path})
+
+    def _transfer_sender(self) -> Any:
+        """The host side of vLLM's weight-transfer engine this engine was built with (opened on
+        first use: the rendezvous of its group, none for ``ipc``)."""
+        if self._sender is None:
+            from genbackends_vllm import weight_transfer
+
+            cfg = self.kwargs.get("weight_transfer_config")
+            if not cfg:
+                raise ValueError("this engine was built without weight_transfer_config: set "
+                                 "options.vllm.sync_transport: transfer_engine before setup()")
+            workers = self.kwargs.get("tensor_parallel_size", 1) * self.kwargs.get("pipeline_parallel_size", 1)
+            self._sender = weight_transfer.sender_for(self._need(), workers, cfg["backend"])
+        return self._sender
 
     def _send_over_group(self, pairs: list[tuple[str, Any]]) -> None:
         from genbackends_vllm.transport import SyncGroup, free_port, meta_of, to_wire

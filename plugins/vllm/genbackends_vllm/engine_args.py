@@ -114,5 +114,27 @@ def build_engine_kwargs(config: GenConfig, options: VLLMOptions, *, executor: st
         if reason:
             raise ConfigError(f"parallel.executor: {chosen!r} cannot run here: {reason}")
         kw["distributed_executor_backend"] = chosen
+    if options.sync_transport == "transfer_engine":
+        kw.update(_transfer_engine_args(config))
     kw.update(options.engine_args)
     return kw
+
+
+def _transfer_engine_args(config: GenConfig) -> dict[str, Any]:
+    """``LLM`` keywords for ``options.vllm.sync_transport: transfer_engine``: vLLM's
+    ``weight_transfer_config`` and the worker extension that registers our CPU engine in its
+    factory. Refused where the installed vLLM lacks the API, or on GPUs beyond one worker (vLLM's
+    ``ipc`` engine needs the trainer's tensors on each worker's GPU; its ``nccl`` engine needs the
+    trainer on a GPU of its own: neither is wired here)."""
+    from genbackends_vllm import weight_transfer
+
+    if not weight_transfer.has_transfer_api():
+        raise ConfigError(f"options.vllm.sync_transport: transfer_engine needs vLLM's weight-transfer API, absent "
+                          f"from the installed vLLM {compat.vllm_version()}; use group")
+    workers = config.parallel.tensor_parallel_size * config.parallel.pipeline_parallel_size
+    cpu = compat.is_cpu_platform()
+    if not cpu and workers > 1:
+        raise ConfigError(f"options.vllm.sync_transport: transfer_engine on GPUs takes one engine worker (vLLM's ipc "
+                          f"engine, trainer and engine on one GPU); this engine has {workers}: use group")
+    return {"weight_transfer_config": {"backend": weight_transfer.backend_for("cpu" if cpu else "cuda", same_gpu=True)},
+            "worker_extension_cls": weight_transfer.EXTENSION}

@@ -45,11 +45,15 @@ class VLLMOptions(BaseModel):
             "engine gets its own process, and true is refused: vLLM would join the trainer's world and hang)"
         ),
     )
-    sync_transport: Literal["auto", "direct", "rpc", "group"] = Field(
+    sync_transport: Literal["auto", "direct", "rpc", "group", "transfer_engine"] = Field(
         "auto",
         description=(
-            "how sync_weights moves tensors: direct (same process, zero copy), rpc (through "
-            "collective_rpc), group (own torch.distributed group with the workers); auto picks"
+            "how sync_weights moves tensors to engine workers in other processes: rpc (through "
+            "collective_rpc), group (our own torch.distributed group with the workers), transfer_engine "
+            "(vLLM's weight-transfer engine API: its ipc engine on a GPU the trainer shares with a TP 1 engine, "
+            "our gloo engine registered in its factory on the CPU; the engine is built with it); direct "
+            "(same process, zero copy). Engines in this process always load directly. auto: group for "
+            "worker processes"
         ),
     )
     sync_group_port: int | None = Field(None, ge=1, le=65535, description="port of the weight-sync group (default: free port)")

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import torch
 
 GLOO_BACKEND = "genbackends_gloo"
+EXTENSION = "genbackends_vllm.weight_transfer.TransferWorkerExtension"
 
 
 def has_transfer_api() -> bool:
@@ -158,8 +159,10 @@ class TransferEngineSender:
         self.group = SyncGroup(host, port, 0, world)
         joined()
 
-    def send(self, buckets: Sequence[Sequence[tuple[str, torch.Tensor]]]) -> int:
-        """One weight update of HF-named tensors; returns bytes broadcast."""
+    def send(self, buckets: Sequence[Sequence[tuple[str, torch.Tensor]]], check: Any = None) -> int:
+        """One weight update of HF-named tensors; returns bytes broadcast. ``check`` (raises if
+        the engine died) is polled by every wait, so a dead worker fails the sync instead of
+        hanging it."""
         from genbackends.background import start_in_background
         from genbackends_vllm.transport import to_wire
 
@@ -171,9 +174,9 @@ class TransferEngineSender:
             done = start_in_background(lambda info=info: self.llm.update_weights({"update_info": info}))
             for _, t in bucket:
                 w = to_wire(t)
-                self.group.broadcast(w)
+                self.group.broadcast(w, check=check)
                 sent += w.numel() * w.element_size()
-            done()
+            done(check=check)
         self.llm.finish_weight_update()
         return sent
 
@@ -205,7 +208,7 @@ class NcclTransferSender(TransferEngineSender):
         self.comm = PyNcclCommunicator(pg, device=torch.device("cuda", torch.cuda.current_device()))
         joined()
 
-    def send(self, buckets: Sequence[Sequence[tuple[str, torch.Tensor]]]) -> int:
+    def send(self, buckets: Sequence[Sequence[tuple[str, torch.Tensor]]], check: Any = None) -> int:
         from genbackends.background import start_in_background
 
         sent = 0
@@ -240,7 +243,7 @@ class IpcTransferSender:
         self.llm = llm
         llm.init_weight_transfer_engine({"init_info": {}})  # no rendezvous for IPC
 
-    def send(self, buckets: Sequence[Sequence[tuple[str, torch.Tensor]]]) -> int:
+    def send(self, buckets: Sequence[Sequence[tuple[str, torch.Tensor]]], check: Any = None) -> int:
         from dataclasses import asdict
 
         from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferEngine
@@ -250,8 +253,11 @@ class IpcTransferSender:
 
         sent = 0
         self.llm.start_weight_update()
+        dev = torch.device("cuda", torch.cuda.current_device())
         for bucket in buckets:
-            IPCWeightTransferEngine.trainer_send_weights(iter(bucket), {"send_mode": push})
+            # the worker opens the trainer's memory: host tensors go to this GPU first
+            pairs = [(n, t if t.is_cuda else t.to(dev)) for n, t in bucket]
+            IPCWeightTransferEngine.trainer_send_weights(iter(pairs), {"send_mode": push})
             sent += sum(t.numel() * t.element_size() for _, t in bucket)
         self.llm.finish_weight_update()
         return sent
@@ -265,7 +271,11 @@ class IpcTransferSender:
 
 def make_sender(llm: Any, num_workers: int, device: str, same_gpu: bool = False) -> Any:
     """The host side matching :func:`backend_for` ``(device, same_gpu)``."""
-    backend = backend_for(device, same_gpu)
+    return sender_for(llm, num_workers, backend_for(device, same_gpu))
+
+
+def sender_for(llm: Any, num_workers: int, backend: str) -> Any:
+    """The host side of the transfer engine ``backend`` (``weight_transfer_config.backend``)."""
     if backend == "ipc":
         return IpcTransferSender(llm, num_workers)
     return NcclTransferSender(llm, num_workers) if backend == "nccl" else TransferEngineSender(llm, num_workers)
