@@ -1,8 +1,9 @@
 """GPU lane for issue 11: the layout the vLLM plugin publishes matches a GPU engine's real
-parameters (GPUs keep plain parameter tensors, so the check sees every shape), and vLLM's own
+parameters (GPUs keep plain parameter tensors, so the check sees every shape); vLLM's own
 ``nccl`` weight-transfer engine syncs an engine whose worker lives in another process, timed
 against our own group (benchmarks/gpu/transfer_engines.py; it asserts logprob parity with
-transformers after every sync)."""
+transformers after every sync; 2 GPUs); ``sync_weights`` through vLLM's ``ipc`` engine on one
+GPU (``options.vllm.sync_transport: transfer_engine``), atomic."""
 from __future__ import annotations
 
 import json
@@ -41,3 +42,37 @@ def test_vllm_nccl_transfer_engine_vs_our_group(tmp_path):
     res = json.loads((out / "transfer_engines.json").read_text())
     assert set(res["runs"]) == {"ours/group", "vllm/transfer_engine"}
     print(json.dumps({k: (v["median_s"], max(v["max_abs_diff"])) for k, v in res["runs"].items()}))
+
+
+def test_sync_weights_through_vllm_ipc_engine(tiny_llama, tiny_llama_alt):
+    """``options.vllm.sync_transport: transfer_engine`` on one GPU: ``sync_weights`` reaches the
+    engine's worker process through vLLM's ``ipc`` engine (CUDA IPC handles of the trainer's
+    tensors). A sync failing after several buckets and a NaN sync are rolled back (fingerprint
+    bit-identical); a good sync follows transformers on the new weights (bf16)."""
+    from test_gpu_sync_atomicity import Source, _fingerprint
+
+    from genbackends.errors import WeightSyncError
+    from gpu_helpers import HFGpuReference, assert_bf16_close, engine_prompt_logprobs, weights
+
+    b = start_backend(tiny_llama, vllm={"bucket_bytes": 150_000, "in_process": False, "sync_transport": "transfer_engine"})
+    try:
+        ids = [d["input_ids"] for d in b.build_dataset(["The capital of France is", "1 2 3 4", "def f(x):"])]
+        before = _fingerprint(b, ids)
+        alt = sorted(weights(tiny_llama_alt).items(), key=lambda kv: kv[0] in ("lm_head.weight", "model.embed_tokens.weight"))
+        with pytest.raises(WeightSyncError, match="restored to its previous weights.*trainer lost tensor 12"):
+            b.sync_weights(Source(alt, fail_at=12))
+        assert _fingerprint(b, ids) == before
+        poisoned = [(n, t.clone()) for n, t in alt]
+        poisoned[-1][1].view(-1)[3] = float("nan")
+        with pytest.raises(WeightSyncError, match=r"holds NaN at index \(0, 3\)"):
+            b.sync_weights(Source(poisoned))
+        assert _fingerprint(b, ids) == before
+        report = b.sync_weights(Source(alt))
+        assert report.transport == "transfer_engine", report.transport
+        hf = HFGpuReference(tiny_llama_alt)
+        ref = hf.prompt_logprobs(ids)
+        hf.free()
+        assert_bf16_close(engine_prompt_logprobs(b, ids), ref, "after the good sync through vLLM's ipc engine")
+        print(json.dumps({"transport": report.transport, "seconds": report.seconds, "phases": report.phases}))
+    finally:
+        b.shutdown()
