@@ -158,12 +158,11 @@ def _hf_logprobs(model_dir: str, ids: list[int]):
 
 def _bad_expert_shards(model, src, backend, rank: int) -> list[dict]:
     """On the last EP rank (rank 1 of an EP-2 layout): an expert shard of the wrong shape, then a
-    missing expert. Both must be refused on every rank, naming the shard, engine unchanged."""
+    missing expert. Both must be refused on every rank by both paths, naming the shard, engine
+    unchanged."""
     import torch
 
-    from genbackends.errors import WeightSyncError
-    from genbackends_megatron.verify import backend_prompt_logprobs
-
+    from genbackends_megatron.testing import refused_on_both_paths
     from megatron.core import parallel_state as ps
 
     out = []
@@ -171,16 +170,7 @@ def _bad_expert_shards(model, src, backend, rank: int) -> list[dict]:
     mine = ps.get_expert_model_parallel_rank() == model.par.ep - 1 and ps.get_expert_data_parallel_rank() == 0
 
     def attempt(what: str) -> None:
-        for path in ("universal", "direct"):
-            ref = backend_prompt_logprobs(backend, [PROBES[0]]) if backend is not None else None
-            err = None
-            try:
-                src.sync(backend, path=path)
-            except WeightSyncError as e:
-                err = str(e)
-            after = backend_prompt_logprobs(backend, [PROBES[0]]) if backend is not None else None
-            if rank == 0:
-                out.append({"case": what, "path": path, "error": err, "engine_unchanged": ref == after})
+        out.extend({"case": what, **r} for r in refused_on_both_paths(src, backend, rank, PROBES[0]))
 
     fc1 = experts.local_experts[0].linear_fc1
     w = fc1.weight

@@ -111,30 +111,40 @@ def _worker(rank: int, spec: dict) -> None:
         dist.destroy_process_group()
 
 
+def refused_on_both_paths(src: Any, backend: Any, rank: int, probe: list[int]) -> list[dict]:
+    """Collective (every trainer rank): sync ``src`` by the universal, then the direct path, each
+    expected to be refused. Rank 0 gets per path ``{"path", "error", "engine_unchanged"}``: the
+    refusal's message (None if the sync went through) and whether the engine's prompt logprobs of
+    ``probe`` stayed bit-identical; other ranks get []."""
+    from genbackends.errors import WeightSyncError
+    from genbackends_megatron.verify import backend_prompt_logprobs
+
+    out = []
+    for path in ("universal", "direct"):
+        ref = backend_prompt_logprobs(backend, [probe]) if backend is not None else None
+        err = None
+        try:
+            src.sync(backend, path=path)
+        except WeightSyncError as e:
+            err = str(e)
+        after = backend_prompt_logprobs(backend, [probe]) if backend is not None else None
+        if rank == 0:
+            out.append({"path": path, "error": err, "engine_unchanged": ref == after})
+    return out
+
+
 def _bad_inputs(model: Any, src: Any, backend: Any, rank: int) -> list[dict]:
     """Wrong shard shape, missing layer, NaN in a shard, unknown name: rejected on both paths,
     engine unchanged."""
     import torch
-
-    from genbackends.errors import WeightSyncError
-    from genbackends_megatron.verify import backend_prompt_logprobs
 
     chunk = model.chunks[-1]
     layers = chunk.decoder.layers
     out = []
 
     def attempt(what: str, expect: str) -> None:
-        for path in ("universal", "direct"):
-            ref = backend_prompt_logprobs(backend, [PROBES[0]]) if backend is not None else None
-            err = None
-            try:
-                src.sync(backend, path=path)
-            except WeightSyncError as e:
-                err = str(e)
-            after = backend_prompt_logprobs(backend, [PROBES[0]]) if backend is not None else None
-            if rank == 0:
-                out.append({"case": what, "path": path, "error": err, "names_it": bool(err and expect in err),
-                            "engine_unchanged": ref == after})
+        for r in refused_on_both_paths(src, backend, rank, PROBES[0]):
+            out.append({"case": what, **r, "names_it": bool(r["error"] and expect in r["error"])})
 
     w = layers[-1].mlp.linear_fc2.weight
     layers[-1].mlp.linear_fc2.weight = torch.nn.Parameter(torch.zeros(w.shape[0], w.shape[1] + 3, dtype=w.dtype))

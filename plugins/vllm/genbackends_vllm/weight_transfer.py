@@ -181,10 +181,7 @@ class TransferEngineSender:
         return sent
 
     def close(self) -> None:
-        try:
-            self.llm.shutdown_weight_transfer_engine()
-        except Exception:  # noqa: BLE001 - closing an engine that is going away anyway
-            pass
+        shutdown_engine(self.llm)
         self.group.close()
 
 
@@ -226,10 +223,7 @@ class NcclTransferSender(TransferEngineSender):
         return sent
 
     def close(self) -> None:
-        try:
-            self.llm.shutdown_weight_transfer_engine()
-        except Exception:  # noqa: BLE001
-            pass
+        shutdown_engine(self.llm)
 
 
 class IpcTransferSender:
@@ -263,10 +257,15 @@ class IpcTransferSender:
         return sent
 
     def close(self) -> None:
-        try:
-            self.llm.shutdown_weight_transfer_engine()
-        except Exception:  # noqa: BLE001
-            pass
+        shutdown_engine(self.llm)
+
+
+def shutdown_engine(llm: Any) -> None:
+    """Shut the engine's weight-transfer engine down (best effort: the engine may be going away)."""
+    try:
+        llm.shutdown_weight_transfer_engine()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def make_sender(llm: Any, num_workers: int, device: str, same_gpu: bool = False) -> Any:
