@@ -6,12 +6,13 @@ must have differed before (the engine starts from other weights). The exported H
 by transformers, must give Megatron's logits (an independent check of the mapping).
 
 Coverage (every engine case costs 15-30 s on 2 cores and CI must stay under 30 minutes, so each
-architecture appears in a subset of layouts; every one reaches TP > 1, PP > 1 and vLLM TP 2):
+architecture appears in a subset of layouts; every one reaches TP > 1 and vLLM TP 2, qwen2 and
+qwen3 PP > 1 (llama differs from qwen2 only by the QKV bias, which the PP layouts carry)):
   (1,1): llama, qwen2, qwen3 x vLLM TP 1 (in-process engine), export, bad inputs
   (2,1): qwen2 x vLLM TP 1; a llama with ONE KV head x vLLM TP 2 (KV-head replication in vLLM,
          num_query_groups 1 < Megatron TP 2)
   (1,2) with virtual pipeline 2 (4-layer models: chunks hold layers [0],[2] and [1],[3]):
-         qwen2 (tied embeddings across stages) x vLLM TP 1 and 2, llama x vLLM TP 1
+         qwen2 (tied embeddings across stages) x vLLM TP 1 and 2
   (2,2): qwen3 x vLLM TP 1 and 2, export, bad inputs
   (4,1): llama with 2 KV heads at Megatron TP 4 (num_query_groups < TP) x vLLM TP 1; saved shards
           -> CLI export
@@ -35,7 +36,7 @@ ARCHS = ("llama", "qwen2", "qwen3")
 LAYOUTS = {
     (1, 1): (29710, {"llama": [1], "qwen2": [1], "qwen3": [1]}, True, ("qwen2",)),
     (2, 1): (29720, {"qwen2": [1], "llama_kv1": [2]}, False, ()),
-    (1, 2): (29730, {"llama_l4": [1], "qwen2_l4": [1, 2]}, False, ()),
+    (1, 2): (29730, {"qwen2_l4": [1, 2]}, False, ()),
     (2, 2): (29740, {"qwen3": [1, 2]}, True, ("qwen3",)),
     (4, 1): (29750, {"llama": [1]}, False, ("llama",)),
 }
@@ -59,7 +60,7 @@ def models(tiny_model_factory, tmp_path_factory):
     out = {a: (tiny_model_factory(a, 0), tiny_model_factory(a, 1)) for a in ARCHS}
     d = tmp_path_factory.mktemp("kv1")
     out["llama_kv1"] = tuple(build_tiny_model(d / f"s{s}", "llama", seed=s, shape=TinyShape(num_kv_heads=1)) for s in (0, 1))
-    for a in ARCHS:  # 4 layers: PP 2 x virtual PP 2
+    for a in ("qwen2",):  # 4 layers: PP 2 x virtual PP 2
         out[f"{a}_l4"] = tuple(build_tiny_model(d / f"{a}_l4_s{s}", a, seed=s, shape=TinyShape(num_layers=4)) for s in (0, 1))
     return out
 

@@ -1,6 +1,6 @@
 """Atomic weight syncs (issue 14, findings 1-3) on real engines: hf, vLLM in-process, vLLM TP=2
-worker processes (mp executor, our gloo group), a vLLM worker process reached through vLLM's
-weight-transfer engine API (``options.vllm.sync_transport: transfer_engine``).
+worker processes (mp executor) reached by our gloo group and by vLLM's weight-transfer engine API
+(``options.vllm.sync_transport: group`` / ``transfer_engine``).
 
 Each bad sync (a source that raises at tensor k of n across several buckets, a tensor that
 contradicts its manifest, NaN, Inf, an int tensor) is refused or rolled back: the fingerprint
@@ -130,21 +130,20 @@ def _hf_backend(model):
     return get_registry().create_backend(cfg)
 
 
-@pytest.fixture(scope="module", params=["hf", "vllm", "vllm_tp2", "vllm_transfer"])
+@pytest.fixture(scope="module", params=["hf", "vllm", "vllm_tp2"])
 def engine(request, tiny_llama):
     if request.param == "hf":
         b = _hf_backend(tiny_llama)
     elif request.param == "vllm":
         b = get_registry().create_backend(vllm_config(tiny_llama, vllm={"bucket_bytes": BUCKET}))
-    elif request.param == "vllm_transfer":
-        # a worker process reached through vLLM's weight-transfer API (start_weight_update /
+    else:
+        # worker processes (mp executor), reached by two transports in turn (the option is read per
+        # sync): our gloo group, and vLLM's weight-transfer API (start_weight_update /
         # update_weights / finish_weight_update per bucket; on the CPU its wire is our gloo engine
-        # registered in vLLM's factory)
+        # registered in vLLM's factory), which the engine is built for
         b = get_registry().create_backend(vllm_config(
-            tiny_llama, vllm={"bucket_bytes": BUCKET, "in_process": False, "sync_transport": "transfer_engine"}))
-    else:  # worker processes: mp executor, tensors over our gloo group
-        b = get_registry().create_backend(vllm_config(
-            tiny_llama, parallel={"tensor_parallel_size": 2}, vllm={"bucket_bytes": BUCKET}))
+            tiny_llama, parallel={"tensor_parallel_size": 2},
+            vllm={"bucket_bytes": BUCKET, "sync_transport": "transfer_engine"}))
     b.setup()
     b.kind = request.param
     b.fresh = fingerprint(b)  # a fresh engine on the base weights
@@ -152,10 +151,15 @@ def engine(request, tiny_llama):
     b.shutdown()
 
 
-def test_bad_syncs_leave_the_engine_as_it_was(engine, weights, refs):
+@pytest.mark.parametrize("transport", ["group", "transfer_engine"])
+def test_bad_syncs_leave_the_engine_as_it_was(engine, weights, refs, transport):
+    if engine.kind != "vllm_tp2" and transport != "group":
+        pytest.skip("one process: no transport to choose")
+    if engine.kind == "vllm_tp2":
+        engine.options.sync_transport = transport
     base, alt = weights
     assert_close(engine.fresh, reference(engine, refs["base"]))
-    cases = CASES if engine.kind not in ("vllm_tp2", "vllm_transfer") else ["raise_at_k", "lies_about_shape", "nan"]
+    cases = CASES if engine.kind != "vllm_tp2" else ["raise_at_k", "lies_about_shape", "nan"]
     for case in cases:
         with pytest.raises(WeightSyncError, match=MESSAGES[case]) as err:
             engine.sync_weights(bad_source(case, base, alt))
@@ -166,8 +170,8 @@ def test_bad_syncs_leave_the_engine_as_it_was(engine, weights, refs):
     if engine.kind != "hf":
         assert report.details["snapshot_bytes"] + report.details["snapshot_bytes_retained"] > 0
         assert {"snapshot", "check", "check_finite", "load", "reset_cache"} <= set(report.phases)
-    if engine.kind == "vllm_transfer":
-        assert report.transport == "transfer_engine", report.transport
+    if engine.kind == "vllm_tp2":
+        assert report.transport == transport, report.transport
     assert_close(fingerprint(engine), reference(engine, refs["alt"]))
     engine.sync_weights(base)
     assert fingerprint(engine) == engine.fresh
@@ -176,8 +180,8 @@ def test_bad_syncs_leave_the_engine_as_it_was(engine, weights, refs):
 def test_nan_accepted_unchecked_leaves_no_trace_after_a_good_sync(engine, weights):
     """Issue 14 finding 1: NaN weights let in (check off) fill KV memory with NaN; after the good
     weights are synced back, 4 generate calls in a row equal the fresh engine's (KV scrubbed)."""
-    if engine.kind in ("vllm_tp2", "vllm_transfer"):
-        pytest.skip("covered in-process; the worker-process engines keep CI time down")
+    if engine.kind == "vllm_tp2":
+        pytest.skip("covered in-process; the TP2 engine keeps CI time down")
     base, _ = weights
     opts = engine.options
     flag = "sync_check_finite" if engine.kind == "hf" else "check_finite"
