@@ -62,7 +62,6 @@ class MegatronMoEWeightSource:
         self.model = model
         self.dims, self.par, self.dtype = model.dims, model.par, model.dtype
         self.engine_rank = engine_rank
-        self.engine_ranks = (engine_rank,)  # the direct path's collective form reads this
         self.bucket_bytes = bucket_bytes
         self.layout = megatron_layout(self.dims, self.par, self.dtype)
         self.plan = make_plan(self.layout, hf_layout(self.dims, self.dtype))
@@ -73,6 +72,11 @@ class MegatronMoEWeightSource:
         self.peak_extra_bytes = 0
         self.direct_transport = "auto"
         self._direct_cache: dict = {}
+
+    @property
+    def engine_ranks(self) -> tuple[int, ...]:
+        """The ranks hosting an engine, as the direct path's collective form reads them (one here)."""
+        return (self.engine_rank,)
 
     # ---- WeightSource -------------------------------------------------------------------
     def manifest(self) -> dict[str, TensorSpec]:

@@ -30,19 +30,24 @@ import torch
 from genbackends.errors import WeightSyncError
 
 
-def _router_replays(model: Any) -> list[Any]:
-    """This rank's RouterReplay instances in layer order (one per MoE layer of its chunks)."""
+def _routers(model: Any) -> list[tuple[int, Any]]:
+    """``(global layer, router)`` of every MoE layer of this rank's chunks, in layer order."""
     out = []
     for chunk in model.chunks:
         for layer in chunk.decoder.layers:
             router = getattr(getattr(layer, "mlp", None), "router", None)
-            if router is None:
-                continue
-            if getattr(router, "router_replay", None) is None:
-                raise WeightSyncError("routing replay needs the model built with config_overrides="
-                                      "{'moe_enable_routing_replay': True}")
-            out.append((layer.layer_number - 1, router.router_replay))
+            if router is not None:
+                out.append((layer.layer_number - 1, router))
     return out
+
+
+def _router_replays(model: Any) -> list[Any]:
+    """This rank's RouterReplay instances in layer order (one per MoE layer of its chunks)."""
+    pairs = _routers(model)
+    if any(getattr(r, "router_replay", None) is None for _, r in pairs):
+        raise WeightSyncError("routing replay needs the model built with config_overrides="
+                              "{'moe_enable_routing_replay': True}")
+    return [(g, r.router_replay) for g, r in pairs]
 
 
 def replay_indices(routed: Sequence[Any], seq_len: int, layers: Sequence[int], top_k: int) -> list[torch.Tensor]:
@@ -117,18 +122,14 @@ def observed_routing(model: Any) -> Iterator[dict[int, torch.Tensor]]:
     token order) of the last forward pass."""
     k = model.dims.moe_top_k
     got: dict[int, torch.Tensor] = {}
-    hooks = []
-    for chunk in model.chunks:
-        for layer in chunk.decoder.layers:
-            router = getattr(getattr(layer, "mlp", None), "router", None)
-            if router is None:
-                continue
 
-            def keep(_mod: Any, _inp: Any, out: Any, g: int = layer.layer_number - 1) -> None:
-                routing_map = out[1]  # [tokens, experts] bool: True where the token goes
-                got[g] = routing_map.float().topk(k, dim=-1).indices.detach().cpu()
+    def keeper(g: int) -> Any:
+        def keep(_mod: Any, _inp: Any, out: Any) -> None:
+            routing_map = out[1]  # [tokens, experts] bool: True where the token goes
+            got[g] = routing_map.float().topk(k, dim=-1).indices.detach().cpu()
+        return keep
 
-            hooks.append(router.register_forward_hook(keep))
+    hooks = [router.register_forward_hook(keeper(g)) for g, router in _routers(model)]
     try:
         yield got
     finally:
