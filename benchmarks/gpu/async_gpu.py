@@ -13,8 +13,9 @@ Writes ``DIR/async_gpu.json`` after every section and ``DIR/async_gpu.md`` at th
   ``AsyncLLM.generate`` tasks on the same engine (alternating, best of ``--repeats``):
   makespan and output tokens/s, ratio ours/raw (aim >= 0.97);
 * ``pause_sync_resume``: with the workload in flight, ``pause("keep")``, ``sync_weights`` (new
-  weights as tensors, the default transport: our gloo group into the engine process =
-  ``sync_ms``; ``--sync-bytes`` also times the raw-byte RPC path), then
+  weights as tensors on ``--sync-device``, the default transport = ``sync_ms``: vLLM's ipc engine
+  on a GPU, our gloo group on the CPU; ``--sync-group`` / ``--sync-bytes`` also time our group /
+  the raw-byte RPC path), then
   ``resume()``: each step timed, all records accounted for afterwards, and how many records
   span two weight versions.
 """
@@ -78,7 +79,8 @@ class Results:
             lines += [f"pause(keep) {psr['pause_ms']:.1f} ms, sync {psr['sync_ms']:.1f} ms ({psr['sync_transport']}), "
                       f"resume {psr['resume_ms']:.1f} ms, total {psr['total_ms']:.1f} ms (pause + tensor sync + resume); "
                       f"tensor sync {psr.get('sync_tensors_ms', float('nan')):.1f} ms ({psr.get('sync_tensors_transport')}); "
-                      f"records accounted: {psr['accounted']}, spanning two versions: {psr.get('spanning_records')}", ""]
+                      f"records accounted: {psr['accounted']}, spanning two versions: {psr.get('spanning_records')}"
+                      + "".join(f"; {k} {psr[k]:.1f}" for k in ("sync_group_ms", "sync_bytes_ms") if k in psr), ""]
         for k, v in d.items():
             if isinstance(v, dict) and "error" in v:
                 lines.append(f"- {k}: ERROR {v['error']}")
@@ -112,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sections", default="long_tail,ours_vs_raw,pause_sync_resume",
                     help="comma-separated sections to run after the engine starts")
     ap.add_argument("--sync-bytes", action="store_true", help="also time the raw-byte RPC weight path (slow at 8B)")
+    ap.add_argument("--sync-group", action="store_true", help="also time our gloo group (sync_transport: group) in the same pause")
+    ap.add_argument("--sync-device", choices=("cpu", "cuda"), default="cpu", help="where the synced tensors live")
     args = ap.parse_args(argv)
     if args.tiny:
         args.num_prompts, args.prompt_len, args.median_len = min(args.num_prompts, 24), min(args.prompt_len, 16), min(args.median_len, 8)
@@ -227,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         # tensors, not a folder: vLLM 0.24 refuses to reload an engine started with dummy weights
         # from a folder ("Model reloading with `dummy` format")
         expected = expected_hf_weights(str(model_dir))
-        weights = random_weights(expected, tdtype, "cpu", seed=1)
+        weights = random_weights(expected, tdtype, args.sync_device, seed=1)
         out: dict[str, Any] = {}
 
         async def go() -> None:
@@ -236,17 +240,19 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             await b.pause("keep")
             t1 = time.perf_counter()
-            # the new weights as tensors: the default transport (our gloo group into the engine
-            # process); with --sync-bytes also the raw-byte RPC transport
+            # the new weights as tensors: the default transport (sync_transport: auto: vLLM's ipc
+            # engine on a GPU, else our gloo group into the engine process); --sync-group and
+            # --sync-bytes also time our group and the raw-byte RPC transport in the same pause
             rep = b.sync_weights(weights)
             t2 = time.perf_counter()
             out["sync_tensors_ms"], out["sync_tensors_transport"] = rep.seconds * 1e3, rep.transport
-            if args.sync_bytes:
-                b.options.sync_transport = "rpc"
-                try:
-                    out["sync_bytes_ms"] = b.sync_weights(weights).seconds * 1e3
-                finally:
-                    b.options.sync_transport = "auto"
+            for flag, transport, key in ((args.sync_group, "group", "sync_group_ms"), (args.sync_bytes, "rpc", "sync_bytes_ms")):
+                if flag:
+                    b.options.sync_transport = transport
+                    try:
+                        out[key] = b.sync_weights(weights).seconds * 1e3
+                    finally:
+                        b.options.sync_transport = "auto"
             t3 = time.perf_counter()
             await b.resume()
             t4 = time.perf_counter()

@@ -1,7 +1,7 @@
 """GPU lane: asynchronous rollouts on CUDA vLLM (AsyncLLM, engine core in its own process) with the
 tiny model in bf16. What the CPU run cannot show: the release on the GPU image (vLLM 0.24) has the
-pause/resume, preemption and weight-version calls the engine uses, the gloo group reaches a CUDA
-worker, and a keep-mode sync mid-flight gives each span the logprobs of its own weights (bf16
+pause/resume, preemption and weight-version calls the engine uses, a sync reaches the CUDA worker
+in the engine's process through vLLM's ipc engine (what ``sync_transport: auto`` picks there), and a keep-mode sync mid-flight gives each span the logprobs of its own weights (bf16
 tolerance against transformers on the GPU)."""
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def test_keep_mode_sync_and_abort_on_cuda_asyncllm(tiny_llama, tiny_llama_alt):
                     break
                 await asyncio.sleep(0.01)
             await b.pause("keep")
-            b.sync_weights(weights(tiny_llama_alt))  # CUDA tensors over the gloo group
+            report = b.sync_weights(weights(tiny_llama_alt))  # CUDA tensors: auto takes vLLM's ipc engine
+            assert report.transport == "transfer_engine", report.transport
             await b.resume()
             recs = [r async for r in b.stream(timeout=600)]
             late = b.submit("one two three", sampling={"max_new_tokens": 300})

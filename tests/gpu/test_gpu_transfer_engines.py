@@ -3,7 +3,8 @@ parameters (GPUs keep plain parameter tensors, so the check sees every shape); v
 ``nccl`` weight-transfer engine syncs an engine whose worker lives in another process, timed
 against our own group (benchmarks/gpu/transfer_engines.py; it asserts logprob parity with
 transformers after every sync; 2 GPUs); ``sync_weights`` through vLLM's ``ipc`` engine on one
-GPU (``options.vllm.sync_transport: transfer_engine``), atomic."""
+GPU (``options.vllm.sync_transport: transfer_engine``), atomic; and what ``auto`` picks for an
+engine in another process: vLLM's ``ipc`` engine, also from a trainer world of two ranks."""
 from __future__ import annotations
 
 import json
@@ -76,3 +77,20 @@ def test_sync_weights_through_vllm_ipc_engine(tiny_llama, tiny_llama_alt):
         print(json.dumps({"transport": report.transport, "seconds": report.seconds, "phases": report.phases}))
     finally:
         b.shutdown()
+
+
+def test_auto_takes_vllm_ipc_engine_from_a_trainer_world(tiny_llama, tiny_llama_alt):
+    """Default options (``sync_transport: auto``) on rank 0 of a two-rank gloo world: the engine
+    lives in its own process and every sync goes through vLLM's ``ipc`` engine (host tensors and
+    CUDA tensors alike), equal to transformers afterwards, without rank 1 taking part (vLLM's
+    ``trainer_send_weights`` would have waited for it in an all-gather)."""
+    from genbackends_vllm.transport import free_port
+    from rank_processes import run_ranks
+
+    env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+    logs = run_ranks(Path(__file__).with_name("ipc_world_rank.py"), [str(tiny_llama), str(tiny_llama_alt)],
+                     [{**env, "RANK": str(r)} for r in range(2)], timeout=600)
+    result = [ln for ln in logs[0].splitlines() if ln.startswith("RESULT ")]
+    assert result, logs[0][-3000:]
+    print(result[-1])

@@ -16,8 +16,11 @@ sampled token's logprob is the one of the weights that produced it. (With
 ``pause_generation(mode="keep", clear_cache=False)`` and no reset, vLLM would keep the old-weight
 KV of the frozen prefix: the continuation would be a mix.)
 
-Weights move to the engine process over our own gloo group (``genbackends_vllm.transport``: this
-process is rank 0, the workers receive into fresh tensors and reload them in place), or with
+Weights move to the engine process through vLLM's ``ipc`` weight-transfer engine where the engine
+was built with it (``sync_transport: auto`` on a GPU, one worker) and this process sees its GPU:
+CUDA IPC handles, the worker reads this process's memory in place; else over our own gloo group
+(``genbackends_vllm.transport``: this process is rank 0, the workers receive into fresh tensors
+and reload them in place), or with
 ``options.vllm.sync_transport: rpc`` as raw bytes rebuilt into tensors on the worker
 (``genbackends_reload_packed``; tensors handed to ``collective_rpc`` across processes arrive as
 plain lists), or as a folder the workers read. The whole sync is validated (names, shapes, float
@@ -51,7 +54,7 @@ class VLLMRolloutEngine(RolloutEngine):
     """Asynchronous rollouts on one ``AsyncLLM`` (see the module docstring)."""
 
     def __init__(self, backend: Any, replica: int = 0):
-        from genbackends_vllm.engine_args import build_engine_kwargs
+        from genbackends_vllm.engine_args import auto_transfer_args, build_engine_kwargs
 
         cfg = backend.config
         if cfg.parallel.replica_placement != "local" or cfg.parallel.executor == "external_launcher":
@@ -68,6 +71,7 @@ class VLLMRolloutEngine(RolloutEngine):
         # spawn a second process for it (start-up paid twice).
         executor = "uni" if world == 1 and cfg.parallel.executor == "auto" else None
         self.kwargs = build_engine_kwargs(cfg, backend.options, executor=executor)
+        self.kwargs.update(auto_transfer_args(cfg, backend.options))  # vLLM's ipc engine where it can serve
         self.kwargs.setdefault("worker_extension_cls", WORKER_EXTENSION)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="genbackends-vllm-rollouts", daemon=True)
@@ -78,6 +82,7 @@ class VLLMRolloutEngine(RolloutEngine):
         self._received: dict[str, int] = {}
         self.llm: Any = None
         self._group: Any = None  # weight-sync group with the engine's workers (first tensor sync)
+        self._ipc: Any = None  # host side of vLLM's ipc transfer engine (first tensor sync it serves)
         self.native_versions = False
         self.reset_running = True
         try:
@@ -274,6 +279,21 @@ class VLLMRolloutEngine(RolloutEngine):
             self._group.broadcast(to_wire(t))
         done.result()
 
+    def _ipc_sender(self) -> Any:
+        """The host side of vLLM's ``ipc`` engine if this engine was built with it
+        (:func:`~genbackends_vllm.engine_args.auto_transfer_args`) and this process sees the
+        worker's GPU; else None (our group carries the sync)."""
+        if self._ipc is None and (self.kwargs.get("weight_transfer_config") or {}).get("backend") == "ipc":
+            from genbackends_vllm import weight_transfer
+
+            def rpc(method: str, kwargs: dict[str, Any]) -> Any:
+                return self._call(self.llm.collective_rpc(method, kwargs=kwargs))
+
+            uuids = rpc("genbackends_gpu_uuid", {})
+            device = weight_transfer.local_index_of(uuids[0]) if len(uuids) == 1 else None
+            self._ipc = False if device is None else weight_transfer.IpcTransferSender(rpc, device)
+        return self._ipc or None
+
     def load_weights(self, source: Any) -> SyncReport:
         """Validate the whole sync, then move it into the engine process (raw bytes per bucket,
         or a folder the workers read), then preempt running requests so their KV is recomputed
@@ -306,10 +326,13 @@ class VLLMRolloutEngine(RolloutEngine):
                     self._call(self.llm.collective_rpc("genbackends_reload", kwargs={"weights_path": str(Path(folder).resolve())}))
                 else:
                     opts = self.backend.options
-                    transport = "rpc-bytes" if opts.sync_transport == "rpc" else "group"
+                    ipc = self._ipc_sender() if opts.sync_transport == "auto" else None
+                    transport = "rpc-bytes" if opts.sync_transport == "rpc" else "transfer_engine" if ipc else "group"
                     stream = (p for b in ws.iter_buckets(opts.bucket_bytes) for p in b)
                     for bucket in fused_buckets(stream, manifest, opts.bucket_bytes):
-                        if transport == "group":
+                        if ipc:
+                            ipc.send([bucket])  # one weight update per bucket (vLLM's layerwise reload)
+                        elif transport == "group":
                             self._send_over_group(bucket)
                         else:
                             self._call(self.llm.collective_rpc("genbackends_reload_packed", args=(pack_bytes(bucket),)))

@@ -70,7 +70,7 @@ class VLLMBackend(AsyncRolloutsMixin, GenerationBackend):
         if self._state == "shutdown":
             raise BackendStateError("backend 'vllm' was shut down; create a new one instead of calling setup() again")
         from genbackends_vllm.engine import LocalEngine, check_model_path
-        from genbackends_vllm.engine_args import build_engine_kwargs, log_legacy_once
+        from genbackends_vllm.engine_args import auto_transfer_args, build_engine_kwargs, log_legacy_once
 
         cfg, opt = self.config, self.options
         check_model_path(cfg.model)
@@ -108,6 +108,8 @@ class VLLMBackend(AsyncRolloutsMixin, GenerationBackend):
                 raise ConfigError("options.vllm.in_process: must be true with parallel.executor external_launcher")
             if par.data_parallel_size > 1 and in_process:
                 raise ConfigError("options.vllm.in_process: several local replicas need engine-core processes (set it false)")
+            if not in_process:
+                kwargs = {**kwargs, **auto_transfer_args(cfg, opt)}  # vLLM's ipc engine where it can serve
             engines = [LocalEngine(kwargs, in_process=in_process) for _ in range(par.data_parallel_size)]
             for k, e in enumerate(engines):
                 e.sync_port = opt.sync_group_port + k if opt.sync_group_port else None

@@ -224,18 +224,6 @@ def source_writes_repacked(source: Any) -> bool:
     return bool(getattr(source, "handles_repacked_cpu_weights", False))
 
 
-def has_weight_transfer_engine() -> bool:
-    """Whether vLLM's weight-transfer engine API exists *and* has a backend usable here (NCCL or
-    CUDA IPC: GPUs only)."""
-    if is_cpu_platform():
-        return False
-    try:
-        from vllm.config import WeightTransferConfig  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
 def worker_model(worker: Any) -> Any:
     """The ``nn.Module`` of a vLLM worker object (``collective_rpc`` callables receive the worker)."""
     return worker.model_runner.get_model() if hasattr(worker.model_runner, "get_model") else worker.model_runner.model

@@ -280,12 +280,31 @@ class LocalEngine:
         self.collective_rpc("genbackends_reload", kwargs={"weights_iterator": pairs})
 
     def transport_kind(self) -> str:
-        """Default weight transport: in this process ``load_weights`` straight into the live model
-        where the platform allows a second load (GPUs: a copy per tensor), else the in-place
-        ``reload_weights``; worker processes: our own group."""
+        """Default weight transport (``sync_transport: auto``): in this process ``load_weights``
+        straight into the live model where the platform allows a second load (GPUs: a copy per
+        tensor), else the in-place ``reload_weights``; worker processes: vLLM's ``ipc`` transfer
+        engine where this engine was built with it (GPU, one worker) and its GPU is visible to this
+        process, else our own group."""
         if not self.in_process:
-            return "group"
+            return "transfer_engine" if self.ipc_device() is not None else "group"
         return "direct_load" if compat.direct_load_supported() else "inprocess"
+
+    def transfer_backend(self) -> str | None:
+        """``weight_transfer_config.backend`` this engine was built with (None: without)."""
+        cfg = self.kwargs.get("weight_transfer_config")
+        return cfg.get("backend") if cfg else None
+
+    def ipc_device(self) -> int | None:
+        """This process's index of the engine worker's GPU, if the engine was built with vLLM's
+        ``ipc`` engine and that GPU is visible here (asked once: the worker reports its UUID)."""
+        if self.transfer_backend() != "ipc":
+            return None
+        if not hasattr(self, "_ipc_device"):
+            from genbackends_vllm import weight_transfer
+
+            uuids = self.collective_rpc("genbackends_gpu_uuid")
+            self._ipc_device = weight_transfer.local_index_of(uuids[0]) if len(uuids) == 1 else None
+        return self._ipc_device
 
     def load_bucket(self, pairs: list[tuple[str, Any]], transport: str) -> None:
         """Load one bucket of HF-named tensors into every worker by ``transport``."""
@@ -315,17 +334,29 @@ class LocalEngine:
 
     def _transfer_sender(self) -> Any:
         """The host side of vLLM's weight-transfer engine this engine was built with (opened on
-        first use: the rendezvous of its group, none for ``ipc``)."""
+        first use: the rendezvous of its group, none for ``ipc``); raises before anything is sent
+        where it cannot reach the workers."""
         if self._sender is None:
+            from genbackends.errors import WeightSyncError
             from genbackends_vllm import weight_transfer
 
-            cfg = self.kwargs.get("weight_transfer_config")
-            if not cfg:
-                raise ValueError("this engine was built without weight_transfer_config: set "
-                                 "options.vllm.sync_transport: transfer_engine before setup()")
+            backend = self.transfer_backend()
+            if not backend:
+                raise WeightSyncError("weight sync rejected, nothing written: this engine was built without "
+                                      "weight_transfer_config: set options.vllm.sync_transport: transfer_engine before setup()")
+            device = self.ipc_device()
+            if backend == "ipc" and device is None:
+                raise WeightSyncError("weight sync rejected, nothing written: vLLM's ipc transfer engine needs the "
+                                      "engine's GPU visible to this process (it is not); set options.vllm.sync_transport: group")
             workers = self.kwargs.get("tensor_parallel_size", 1) * self.kwargs.get("pipeline_parallel_size", 1)
-            self._sender = weight_transfer.sender_for(self._need(), workers, cfg["backend"])
+            self._sender = weight_transfer.sender_for(self._need(), workers, backend, ipc_device=device)
         return self._sender
+
+    def prepare_transport(self, transport: str) -> None:
+        """Open what ``transport`` needs before the first byte moves (a sync's validation)."""
+        if transport == "transfer_engine":
+            with self.lock:
+                self._transfer_sender()
 
     def _send_over_group(self, pairs: list[tuple[str, Any]]) -> None:
         from genbackends_vllm.transport import SyncGroup, free_port, meta_of, to_wire

@@ -138,3 +138,21 @@ def _transfer_engine_args(config: GenConfig) -> dict[str, Any]:
                           f"engine, trainer and engine on one GPU); this engine has {workers}: use group")
     return {"weight_transfer_config": {"backend": weight_transfer.backend_for("cpu" if cpu else "cuda", same_gpu=True)},
             "worker_extension_cls": weight_transfer.EXTENSION}
+
+
+def auto_transfer_args(config: GenConfig, options: VLLMOptions) -> dict[str, Any]:
+    """Extra ``LLM`` keywords under ``options.vllm.sync_transport: auto`` for an engine whose
+    workers live in another process: vLLM's ``ipc`` weight-transfer engine where it can serve (a
+    GPU platform, the installed vLLM has the API, one worker). Each sync then uses it when this
+    process sees the worker's GPU, else our group (``LocalEngine.transport_kind``). Nothing on
+    the CPU (vLLM's engines all need CUDA; ours behind its API measured slower than our group),
+    nor where ``options.engine_args`` sets the transfer config or worker extension itself."""
+    from genbackends_vllm import weight_transfer
+
+    workers = config.parallel.tensor_parallel_size * config.parallel.pipeline_parallel_size
+    if options.sync_transport != "auto" or compat.is_cpu_platform() or workers != 1:
+        return {}
+    if {"weight_transfer_config", "worker_extension_cls"} & set(options.engine_args) or not weight_transfer.has_transfer_api():
+        return {}
+    return {"weight_transfer_config": {"backend": "ipc"}, "worker_extension_cls": weight_transfer.EXTENSION}
+

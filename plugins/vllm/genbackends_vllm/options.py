@@ -52,8 +52,9 @@ class VLLMOptions(BaseModel):
             "collective_rpc), group (our own torch.distributed group with the workers), transfer_engine "
             "(vLLM's weight-transfer engine API: its ipc engine on a GPU the trainer shares with a TP 1 engine, "
             "our gloo engine registered in its factory on the CPU; the engine is built with it); direct "
-            "(same process, zero copy). Engines in this process always load directly. auto: group for "
-            "worker processes"
+            "(same process, zero copy). Engines in this process always load directly. auto, for worker "
+            "processes: on a GPU with one engine worker the engine is built with vLLM's ipc engine and each "
+            "sync uses it when this process sees the worker's GPU (else group); everywhere else group"
         ),
     )
     sync_group_port: int | None = Field(None, ge=1, le=65535, description="port of the weight-sync group (default: free port)")

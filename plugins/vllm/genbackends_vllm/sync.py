@@ -128,6 +128,10 @@ def sync_into(backend: Any, source: Any, path: str = "auto", *, collective: bool
             raise WeightSyncError("weight sync rejected, nothing written: " + "; ".join(fused[:3]))
     nbytes = sum(s.nbytes for s in manifest.values())
     transports = [_transport_for(backend, r) for r in backend.replicas]
+    with timer.phase("validate"):
+        for r, t in zip(backend.replicas, transports):
+            if t == "transfer_engine":
+                r.prepare_transport(t)  # refuses here, before any byte, where it cannot reach the workers
     path = "hf"
     opt = backend.options
     # Atomic (options.vllm.sync_atomic): the touched modules are snapshotted on every worker and

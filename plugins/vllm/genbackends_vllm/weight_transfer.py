@@ -21,7 +21,7 @@ Our own group (:mod:`genbackends_vllm.transport`) stays where the installed vLLM
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -226,38 +226,71 @@ class NcclTransferSender(TransferEngineSender):
         shutdown_engine(self.llm)
 
 
+def gpu_uuid(index: int) -> str:
+    """The physical UUID of this process's CUDA device ``index`` (what vLLM's ``ipc`` engine keys
+    its handles by: device indices differ between processes, UUIDs do not)."""
+    return str(torch.cuda.get_device_properties(index).uuid)
+
+
+def local_index_of(uuid: str | None) -> int | None:
+    """This process's index of the GPU with ``uuid``; None if it is not visible here (or this
+    process has no CUDA)."""
+    if not uuid or not torch.cuda.is_available():
+        return None
+    return next((i for i in range(torch.cuda.device_count()) if gpu_uuid(i) == uuid), None)
+
+
+def llm_rpc(llm: Any) -> Callable[[str, dict[str, Any]], Any]:
+    """``rpc(method, kwargs)`` on every worker of a ``vllm.LLM`` (what its
+    ``start_weight_update`` / ``update_weights`` / ... do)."""
+    return lambda method, kwargs: llm.collective_rpc(method, kwargs=kwargs)
+
+
 class IpcTransferSender:
     """GPU host side for vLLM's own ``ipc`` engine (trainer and engine worker on one GPU, in
-    different processes): per bucket, vLLM's ``trainer_send_weights`` exports each tensor as a
-    CUDA IPC handle and hands the handles to ``update_weights``; the worker opens the trainer's
-    memory in place and runs its layerwise load. Only handles cross the process boundary. Not run
-    on the CPU machine."""
+    different processes): per bucket, each tensor is exported as a CUDA IPC handle keyed by the
+    GPU's UUID and the handles go to the workers' ``update_weights``; the worker opens the
+    trainer's memory in place and runs its layerwise load. Only handles cross the process
+    boundary.
 
-    def __init__(self, llm: Any, num_workers: int = 1):
-        self.llm = llm
-        llm.init_weight_transfer_engine({"init_info": {}})  # no rendezvous for IPC
+    The handles are built here rather than by vLLM's ``trainer_send_weights``: that one
+    all-gathers them over the default ``torch.distributed`` group, which would hang a trainer of
+    several ranks whose one rank hosts the engine. ``rpc(method, kwargs)`` reaches every worker
+    (:func:`llm_rpc` for ``vllm.LLM``; the asynchronous engine passes its own), ``device`` is this
+    process's index of the engine's GPU: tensors elsewhere (host memory, another GPU) are copied
+    there one bucket at a time."""
+
+    def __init__(self, rpc: Callable[[str, dict[str, Any]], Any], device: int):
+        self.rpc = rpc
+        self.device = torch.device("cuda", device)
+        self.uuid = gpu_uuid(device)
+        rpc("init_weight_transfer_engine", {"init_info": {}})  # no rendezvous for IPC
 
     def send(self, buckets: Sequence[Sequence[tuple[str, torch.Tensor]]], check: Any = None) -> int:
-        from dataclasses import asdict
-
-        from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferEngine
-
-        def push(update_info: Any) -> None:
-            self.llm.update_weights({"update_info": asdict(update_info)})
+        from torch.multiprocessing.reductions import reduce_tensor
 
         sent = 0
-        self.llm.start_weight_update()
-        dev = torch.device("cuda", torch.cuda.current_device())
+        self.rpc("start_weight_update", {"is_checkpoint_format": True})
         for bucket in buckets:
-            # the worker opens the trainer's memory: host tensors go to this GPU first
-            pairs = [(n, t if t.is_cuda else t.to(dev)) for n, t in bucket]
-            IPCWeightTransferEngine.trainer_send_weights(iter(pairs), {"send_mode": push})
-            sent += sum(t.numel() * t.element_size() for _, t in bucket)
-        self.llm.finish_weight_update()
+            # strong references until the worker has loaded them: a handle does not keep its
+            # storage alive
+            held = [t.detach().to(self.device).contiguous() for _, t in bucket]
+            torch.cuda.current_stream(self.device).synchronize()  # the copies land before the worker reads
+            info = {"names": [n for n, _ in bucket], "dtype_names": [str(t.dtype).replace("torch.", "") for t in held],
+                    "shapes": [list(t.shape) for t in held], "packed": False,
+                    "ipc_handles": [{self.uuid: reduce_tensor(t)[1]} for t in held]}
+            if check is not None:
+                check()
+            self.rpc("update_weights", {"update_info": info})
+            sent += sum(t.numel() * t.element_size() for t in held)
+            del held
+        self.rpc("finish_weight_update", {})
+        torch.cuda.ipc_collect()
         return sent
 
     def close(self) -> None:
-        shutdown_engine(self.llm)
+        """Nothing to release: IPC holds no group, and the handles of a sync are gone at its end
+        (the worker's own shutdown closes its engine)."""
 
 
 def shutdown_engine(llm: Any) -> None:
@@ -273,10 +306,11 @@ def make_sender(llm: Any, num_workers: int, device: str, same_gpu: bool = False)
     return sender_for(llm, num_workers, backend_for(device, same_gpu))
 
 
-def sender_for(llm: Any, num_workers: int, backend: str) -> Any:
-    """The host side of the transfer engine ``backend`` (``weight_transfer_config.backend``)."""
+def sender_for(llm: Any, num_workers: int, backend: str, ipc_device: int | None = None) -> Any:
+    """The host side of the transfer engine ``backend`` (``weight_transfer_config.backend``);
+    ``ipc_device``: this process's index of the engine's GPU (default: the current device)."""
     if backend == "ipc":
-        return IpcTransferSender(llm, num_workers)
+        return IpcTransferSender(llm_rpc(llm), torch.cuda.current_device() if ipc_device is None else ipc_device)
     return NcclTransferSender(llm, num_workers) if backend == "nccl" else TransferEngineSender(llm, num_workers)
 
 

@@ -90,6 +90,15 @@ class WeightSyncExtension:
             group.close()
         self._genbackends_group = None
 
+    def genbackends_gpu_uuid(self) -> str | None:
+        """The physical UUID of this worker's GPU (None on the CPU): the host side of vLLM's
+        ``ipc`` engine is used only where it sees the same GPU."""
+        import torch
+
+        if compat.is_cpu_platform() or not torch.cuda.is_available():
+            return None
+        return str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+
     def genbackends_param_layout(self) -> dict[str, Any]:
         """Engine parameter names -> (shape, dtype string) of this worker."""
         model = self.model_runner.get_model()  # type: ignore[attr-defined]
