@@ -32,6 +32,25 @@ def test_engine_kwargs_map_every_knob(tiny_llama):
     assert kw["enable_chunked_prefill"] is False and kw["dtype"] == "float32"
 
 
+def test_auto_transport_builds_vllm_ipc_engine_only_where_it_can_serve(tiny_llama, monkeypatch):
+    """``sync_transport: auto`` adds vLLM's ipc transfer engine to a worker-process engine on a
+    GPU with one worker, and nowhere else. The platform is the only thing faked (this machine is
+    a CPU); the GPU lane runs the real thing (tests/gpu/test_gpu_transfer_engines.py)."""
+    from genbackends_vllm import compat
+
+    def extra(**vllm: object) -> dict:
+        cfg = vllm_config(tiny_llama, parallel={"tensor_parallel_size": vllm.pop("tp", 1)}, vllm=vllm)
+        return engine_args.auto_transfer_args(cfg, VLLMOptions.model_validate(cfg.options["vllm"]))
+
+    assert extra() == {}  # the CPU: vLLM's engines need CUDA; ours measured slower than our group
+    monkeypatch.setattr(compat, "is_cpu_platform", lambda: False)
+    assert extra()["weight_transfer_config"] == {"backend": "ipc"}
+    assert extra()["worker_extension_cls"].endswith("TransferWorkerExtension")
+    assert extra(tp=2) == {}  # ipc needs the trainer's tensors on every worker's GPU
+    assert extra(sync_transport="group") == {}
+    assert extra(engine_args={"worker_extension_cls": "my.Ext"}) == {}  # the user's own wins
+
+
 def test_unknown_engine_arg_lists_close_matches(tiny_llama):
     cfg = vllm_config(tiny_llama, vllm={"engine_args": {"max_num_seq": 4}})
     with pytest.raises(ConfigError, match=r"options.engine_args.max_num_seq: .*did you mean max_num_seqs"):

@@ -329,10 +329,12 @@ class VLLMRolloutEngine(RolloutEngine):
                     ipc = self._ipc_sender() if opts.sync_transport == "auto" else None
                     transport = "rpc-bytes" if opts.sync_transport == "rpc" else "transfer_engine" if ipc else "group"
                     stream = (p for b in ws.iter_buckets(opts.bucket_bytes) for p in b)
-                    for bucket in fused_buckets(stream, manifest, opts.bucket_bytes):
-                        if ipc:
-                            ipc.send([bucket])  # one weight update per bucket (vLLM's layerwise reload)
-                        elif transport == "group":
+                    buckets = fused_buckets(stream, manifest, opts.bucket_bytes)
+                    if ipc:
+                        ipc.send(buckets)  # one weight update (vLLM's layerwise reload), a handle set per bucket
+                        buckets = iter(())
+                    for bucket in buckets:
+                        if transport == "group":
                             self._send_over_group(bucket)
                         else:
                             self._call(self.llm.collective_rpc("genbackends_reload_packed", args=(pack_bytes(bucket),)))
