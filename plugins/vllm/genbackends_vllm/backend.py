@@ -353,11 +353,12 @@ class VLLMBackend(AsyncRolloutsMixin, GenerationBackend):
         what validates, guards and reports around it. See :mod:`genbackends_vllm.direct_writer`."""
         self._require_ready()
         from genbackends_vllm.direct_writer import apply_writes
+        from genbackends_vllm.sync import DIRECT_CHECK_FINITE
 
         # The finite check of a direct sync runs here, on the tensors the writes read, when the
         # sync asked for it (single trainer process: a refusal leaves nothing written anywhere).
-        check = bool(getattr(self, "_direct_check_finite", False))
-        return apply_writes(self, ops, sources, plan_id=plan_id, transport=transport, dtype=dtype, check_finite=check)
+        return apply_writes(self, ops, sources, plan_id=plan_id, transport=transport, dtype=dtype,
+                            check_finite=DIRECT_CHECK_FINITE.get())
 
     def engine_layout(self) -> dict[str, Any]:
         """TP size and, per TP rank, the engine parameters' names, shapes and dtypes (of replica 0;

@@ -31,6 +31,7 @@ weights).
 from __future__ import annotations
 
 import os
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,12 @@ from genbackends_vllm import compat
 from genbackends_vllm.atomic import engine_snapshot, invalidate_caches, run_restorable, stream_checked
 from genbackends_vllm.hf_layout import check_fused_groups, fused_buckets
 from genbackends_vllm.hf_writer import can_write_hf, hf_writer
+
+
+# Whether the direct writer checks what it reads for NaN/Inf: set by a one-process direct sync
+# around the source's write_direct (which calls backend.apply_writes), for that call only. A
+# context variable, not a backend attribute: it cannot leak into another thread's or a later sync.
+DIRECT_CHECK_FINITE: ContextVar[bool] = ContextVar("genbackends_vllm_direct_check_finite", default=False)
 
 
 def _transport_for(backend: Any, replica: Any) -> str:
@@ -223,11 +230,11 @@ def _sync_direct(backend: Any, source: Any, timer: PhaseTimer, *, collective: bo
         # published layout, the shards checked, and the writer checks them for NaN/Inf before its
         # first copy; what follows is plain device copies that cannot stop halfway. Atomic by
         # validation, without a snapshot (as for HF tensors that already exist).
-        backend._direct_check_finite = opt.check_finite
+        token = DIRECT_CHECK_FINITE.set(opt.check_finite)
         try:
             details = write()
         finally:
-            backend._direct_check_finite = False
+            DIRECT_CHECK_FINITE.reset(token)
         snap_details: dict = {"atomic": "prevalidated"}
         checked = opt.check_finite
     else:

@@ -141,6 +141,13 @@ def _engine_class() -> type:
     return GlooWeightTransferEngine
 
 
+def bucket_update_info(bucket: Sequence[tuple[str, torch.Tensor]]) -> dict[str, Any]:
+    """What a broadcasting engine (vLLM's ``nccl``, our gloo one) is told before one bucket: the
+    tensors that follow, in order."""
+    return {"names": [n for n, _ in bucket], "dtype_names": [str(t.dtype).replace("torch.", "") for _, t in bucket],
+            "shapes": [list(t.shape) for _, t in bucket]}
+
+
 class TransferEngineSender:
     """Host side for one ``vllm.LLM`` whose workers live in other processes: the rendezvous
     (``init_weight_transfer_engine``) once, then per sync ``start_weight_update`` ->
@@ -169,8 +176,7 @@ class TransferEngineSender:
         sent = 0
         self.llm.start_weight_update()
         for bucket in buckets:
-            info = {"names": [n for n, _ in bucket], "dtype_names": [str(t.dtype).replace("torch.", "") for _, t in bucket],
-                    "shapes": [list(t.shape) for _, t in bucket]}
+            info = bucket_update_info(bucket)
             done = start_in_background(lambda info=info: self.llm.update_weights({"update_info": info}))
             for _, t in bucket:
                 w = to_wire(t)
@@ -211,8 +217,7 @@ class NcclTransferSender(TransferEngineSender):
         sent = 0
         self.llm.start_weight_update()
         for bucket in buckets:
-            info = {"names": [n for n, _ in bucket], "dtype_names": [str(t.dtype).replace("torch.", "") for _, t in bucket],
-                    "shapes": [list(t.shape) for _, t in bucket]}
+            info = bucket_update_info(bucket)
             done = start_in_background(lambda info=info: self.llm.update_weights({"update_info": info}))
             for _, t in bucket:
                 self.comm.broadcast(t.contiguous(), src=0, stream=torch.cuda.current_stream())
