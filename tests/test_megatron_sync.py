@@ -12,7 +12,7 @@ qwen3 PP > 1 (llama differs from qwen2 only by the QKV bias, which the PP layout
   (2,1): qwen2 x vLLM TP 1; a llama with ONE KV head x vLLM TP 2 (KV-head replication in vLLM,
          num_query_groups 1 < Megatron TP 2)
   (1,2) with virtual pipeline 2 (4-layer models: chunks hold layers [0],[2] and [1],[3]):
-         qwen2 (tied embeddings across stages) x vLLM TP 1 and 2
+         qwen2 (tied embeddings across stages) x vLLM TP 1 (PP into vLLM TP 2: the (2,2) layout)
   (2,2): qwen3 x vLLM TP 1 and 2, export, bad inputs
   (4,1): llama with 2 KV heads at Megatron TP 4 (num_query_groups < TP) x vLLM TP 1; saved shards
           -> CLI export
@@ -36,7 +36,7 @@ ARCHS = ("llama", "qwen2", "qwen3")
 LAYOUTS = {
     (1, 1): (29710, {"llama": [1], "qwen2": [1], "qwen3": [1]}, True, ("qwen2",)),
     (2, 1): (29720, {"qwen2": [1], "llama_kv1": [2]}, False, ()),
-    (1, 2): (29730, {"qwen2_l4": [1, 2]}, False, ()),
+    (1, 2): (29730, {"qwen2_l4": [1]}, False, ()),
     (2, 2): (29740, {"qwen3": [1, 2]}, True, ("qwen3",)),
     (4, 1): (29750, {"llama": [1]}, False, ("llama",)),
 }
