@@ -105,7 +105,11 @@ def reference(backend: Any, ref: HFReference) -> list[tuple]:
     return out
 
 
-def assert_close(fp: list[tuple], ref: list[tuple], tol: float = 2e-4) -> None:
+def assert_close(fp: list[tuple], ref: list[tuple], tol: float = 1e-3) -> None:
+    # fp32 engine vs fp32 transformers: usually < 2e-4, but 6.5e-4 was seen twice in 2026-12-02 runs
+    # (same tokens; the comparison differed between two calls in one process, so summation order, not
+    # weights). A missed or wrong tensor moves these logprobs by whole nats; the before/after checks
+    # of this module are exact equalities.
     for (plp, toks, lps), (rplp, rtoks, rlps) in zip(fp, ref):
         assert list(toks) == list(rtoks)
         assert max(abs(a - b) for a, b in zip(list(plp) + list(lps), list(rplp) + list(rlps))) < tol
@@ -195,3 +199,25 @@ def test_nan_accepted_unchecked_leaves_no_trace_after_a_good_sync(engine, weight
     for _ in range(4):
         assert fingerprint(engine) == engine.fresh
 
+
+
+def test_failed_unatomic_transfer_update_does_not_block_the_next_sync(engine, weights, refs):
+    """vLLM's transfer engine takes one weight update per sync; one that fails half way with
+    ``sync_atomic`` off (no snapshot, no restore) must still be closed on the workers: vLLM refuses
+    a new ``start_weight_update`` while one is open. The next sync then works and equals
+    transformers."""
+    if engine.kind != "vllm_tp2":
+        pytest.skip("the transfer engine serves engines in worker processes")
+    base, alt = weights
+    opts = engine.options
+    opts.sync_transport, opts.sync_atomic = "transfer_engine", False
+    try:
+        with pytest.raises(WeightSyncError, match="trainer lost tensor 10.*sync_atomic is off.*mix"):
+            engine.sync_weights(FailingSource(_ordered(alt), fail_at=10))
+    finally:
+        opts.sync_atomic = True
+    report = engine.sync_weights(FailingSource(_ordered(alt)))
+    assert report.transport == "transfer_engine", report.transport
+    assert_close(fingerprint(engine), reference(engine, refs["alt"]))
+    engine.sync_weights(base)
+    assert fingerprint(engine) == engine.fresh

@@ -224,6 +224,21 @@ def source_writes_repacked(source: Any) -> bool:
     return bool(getattr(source, "handles_repacked_cpu_weights", False))
 
 
+def end_weight_update_session(worker: Any) -> bool:
+    """Close a weight-transfer update a failed sync left open on this worker (its layers are put
+    back by :func:`snapshot.abort_layerwise_reload`): vLLM (0.24 and 0.32) refuses the next
+    ``start_weight_update`` while ``_weight_update_active``; 0.32 also resets the engine's update
+    target. Returns whether one was open."""
+    if not getattr(worker, "_weight_update_active", False):
+        return False
+    worker._weight_update_active = False
+    engine = getattr(worker, "weight_transfer_engine", None)
+    reset = getattr(engine, "reset_weight_update_target", None)
+    if callable(reset):
+        reset()
+    return True
+
+
 def worker_model(worker: Any) -> Any:
     """The ``nn.Module`` of a vLLM worker object (``collective_rpc`` callables receive the worker)."""
     return worker.model_runner.get_model() if hasattr(worker.model_runner, "get_model") else worker.model_runner.model

@@ -321,9 +321,9 @@ class LocalEngine:
             elif transport == "group":
                 self._send_over_group(pairs)
             elif transport == "transfer_engine":
-                self.check_alive("nothing was sent")
-                # one weight update per bucket (vLLM's layerwise reload), as reload_weights does
-                self._transfer_sender().send([pairs], check=self.check_alive)
+                # inside the weight update begin_transfer opened (vLLM's layerwise reload)
+                self.check_alive("nothing more was sent")
+                self._transfer_sender().update(pairs, check=self.check_alive)
             else:
                 raise ValueError(f"unknown weight transport {transport!r}")
 
@@ -357,6 +357,29 @@ class LocalEngine:
         if transport == "transfer_engine":
             with self.lock:
                 self._transfer_sender()
+
+    def begin_transfer(self) -> None:
+        """Open one weight update of vLLM's transfer engine for a whole sync (``start_weight_update``);
+        :meth:`load_bucket` then sends each bucket into it and :meth:`end_transfer` closes it. A sync
+        that fails in between is undone by the snapshot restore, which also ends the workers'
+        half-done layerwise reload (``snapshot.abort_layerwise_reload``)."""
+        with self.lock:
+            self.check_alive("nothing was sent")
+            self._transfer_sender().start()
+
+    def abort_transfer(self) -> None:
+        """End the weight update a failed sync left open (best effort: the engine may be dead),
+        so that the next sync can start one; with ``sync_atomic`` the snapshot restore follows."""
+        try:
+            self.check_alive()
+            self.collective_rpc("genbackends_abort_update")
+        except Exception:  # noqa: BLE001 - the sync's own error is the one to report
+            pass
+
+    def end_transfer(self) -> None:
+        """Close the weight update: vLLM processes the loaded layers (``finish_weight_update``)."""
+        with self.lock:
+            self._transfer_sender().finish()
 
     def _send_over_group(self, pairs: list[tuple[str, Any]]) -> None:
         from genbackends_vllm.transport import SyncGroup, free_port, meta_of, to_wire

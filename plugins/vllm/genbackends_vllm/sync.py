@@ -169,17 +169,21 @@ def sync_into(backend: Any, source: Any, path: str = "auto", *, collective: bool
                     r.reload_from_path(str(Path(folder).resolve()))
         else:
             buckets = stream_checked(ws.iter_buckets(bucket_bytes), manifest, bucket_bytes, timer, check_finite=opt.check_finite)
-            for bucket in buckets:
-                if fast:
-                    with timer.phase("write"):
-                        snap.loaded += 1
-                        hf_writer(backend).write(bucket)
-                    continue
+            # vLLM's transfer engine: one weight update per sync, each bucket sent into it
+            updating = [r for r, t in zip(backend.replicas, transports) if t == "transfer_engine"]
+            try:
                 with timer.phase("load"):
-                    snap.loaded += 1
-                    shared = _put_once(bucket) if "ray" in transports else None
-                    for r, t in zip(backend.replicas, transports):
-                        r.load_bucket(shared if t == "ray" else bucket, t)
+                    for r in updating:
+                        snap.loaded += 1  # the workers' layerwise reload begins: a failure restores
+                        r.begin_transfer()
+                _load_buckets(backend, buckets, transports, timer, snap, fast)
+                with timer.phase("load"):
+                    for r in updating:
+                        r.end_transfer()
+            except BaseException:
+                for r in updating:
+                    r.abort_transfer()  # the next sync must be able to start an update
+                raise
     invalidate_caches(backend, timer, accepted=True, checked=opt.check_finite)
     return SyncReport(
         path=path,
@@ -190,6 +194,23 @@ def sync_into(backend: Any, source: Any, path: str = "auto", *, collective: bool
         phases=dict(timer.phases),
         details={"replicas": len(backend.replicas), "transports": transports, **snap.details},
     )
+
+
+def _load_buckets(backend: Any, buckets: Any, transports: list[str], timer: PhaseTimer, snap: Any, fast: bool) -> None:
+    """Hand every checked bucket to the engines: through the published layout's writer (``fast``:
+    this process's engine on a GPU) or to each replica by its transport. ``snap.loaded`` counts
+    what was handed over (a failure after the first says "restored", not "unchanged")."""
+    for bucket in buckets:
+        if fast:
+            with timer.phase("write"):
+                snap.loaded += 1
+                hf_writer(backend).write(bucket)
+            continue
+        with timer.phase("load"):
+            snap.loaded += 1
+            shared = _put_once(bucket) if "ray" in transports else None
+            for r, t in zip(backend.replicas, transports):
+                r.load_bucket(shared if t == "ray" else bucket, t)
 
 
 def _put_once(bucket: list[tuple[str, torch.Tensor]]) -> Any:

@@ -21,7 +21,7 @@ Our own group (:mod:`genbackends_vllm.transport`) stays where the installed vLLM
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -148,7 +148,36 @@ def bucket_update_info(bucket: Sequence[tuple[str, torch.Tensor]]) -> dict[str, 
             "shapes": [list(t.shape) for _, t in bucket]}
 
 
-class TransferEngineSender:
+class WeightUpdateSender:
+    """The host side of one of vLLM's weight-transfer engines: per sync :meth:`start` (vLLM's
+    ``start_weight_update``: its layerwise reload begins), :meth:`update` once per bucket
+    (``update_weights``), :meth:`finish` (``finish_weight_update``: the layers are processed). One
+    update per sync, not per bucket: each start/finish walks the whole model (at 8B on an H200,
+    2.47 s per-bucket vs 0.41 s per-sync, ``benchmarks/results/h200-async/ipc-2026-12-02c/``)."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def update(self, bucket: Sequence[tuple[str, torch.Tensor]], check: Any = None) -> int:
+        """Send one bucket of HF-named tensors; returns bytes sent. ``check`` (raises if the
+        engine died) is polled by every wait, so a dead worker fails the sync instead of hanging it."""
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        raise NotImplementedError
+
+    def send(self, buckets: Iterable[Sequence[tuple[str, torch.Tensor]]], check: Any = None) -> int:
+        """One whole weight update: start, every bucket, finish; returns bytes sent."""
+        self.start()
+        sent = sum(self.update(bucket, check) for bucket in buckets)
+        self.finish()
+        return sent
+
+    def close(self) -> None:
+        """Release what the rendezvous opened."""
+
+
+class TransferEngineSender(WeightUpdateSender):
     """Host side for one ``vllm.LLM`` whose workers live in other processes: the rendezvous
     (``init_weight_transfer_engine``) once, then per sync ``start_weight_update`` ->
     ``update_weights`` per bucket (workers receive while this side broadcasts) ->
@@ -166,24 +195,24 @@ class TransferEngineSender:
         self.group = SyncGroup(host, port, 0, world)
         joined()
 
-    def send(self, buckets: Sequence[Sequence[tuple[str, torch.Tensor]]], check: Any = None) -> int:
-        """One weight update of HF-named tensors; returns bytes broadcast. ``check`` (raises if
-        the engine died) is polled by every wait, so a dead worker fails the sync instead of
-        hanging it."""
+    def start(self) -> None:
+        self.llm.start_weight_update()
+
+    def finish(self) -> None:
+        self.llm.finish_weight_update()
+
+    def update(self, bucket: Sequence[tuple[str, torch.Tensor]], check: Any = None) -> int:
         from genbackends.background import start_in_background
         from genbackends_vllm.transport import to_wire
 
         sent = 0
-        self.llm.start_weight_update()
-        for bucket in buckets:
-            info = bucket_update_info(bucket)
-            done = start_in_background(lambda info=info: self.llm.update_weights({"update_info": info}))
-            for _, t in bucket:
-                w = to_wire(t)
-                self.group.broadcast(w, check=check)
-                sent += w.numel() * w.element_size()
-            done(check=check)
-        self.llm.finish_weight_update()
+        info = bucket_update_info(bucket)
+        done = start_in_background(lambda: self.llm.update_weights({"update_info": info}))
+        for _, t in bucket:
+            w = to_wire(t)
+            self.group.broadcast(w, check=check)
+            sent += w.numel() * w.element_size()
+        done(check=check)
         return sent
 
     def close(self) -> None:
@@ -211,20 +240,17 @@ class NcclTransferSender(TransferEngineSender):
         self.comm = PyNcclCommunicator(pg, device=torch.device("cuda", torch.cuda.current_device()))
         joined()
 
-    def send(self, buckets: Sequence[Sequence[tuple[str, torch.Tensor]]], check: Any = None) -> int:
+    def update(self, bucket: Sequence[tuple[str, torch.Tensor]], check: Any = None) -> int:
         from genbackends.background import start_in_background
 
         sent = 0
-        self.llm.start_weight_update()
-        for bucket in buckets:
-            info = bucket_update_info(bucket)
-            done = start_in_background(lambda info=info: self.llm.update_weights({"update_info": info}))
-            for _, t in bucket:
-                self.comm.broadcast(t.contiguous(), src=0, stream=torch.cuda.current_stream())
-                sent += t.numel() * t.element_size()
-            torch.cuda.synchronize()
-            done()
-        self.llm.finish_weight_update()
+        info = bucket_update_info(bucket)
+        done = start_in_background(lambda: self.llm.update_weights({"update_info": info}))
+        for _, t in bucket:
+            self.comm.broadcast(t.contiguous(), src=0, stream=torch.cuda.current_stream())
+            sent += t.numel() * t.element_size()
+        torch.cuda.synchronize()
+        done(check=check)
         return sent
 
     def close(self) -> None:
@@ -251,7 +277,7 @@ def llm_rpc(llm: Any) -> Callable[[str, dict[str, Any]], Any]:
     return lambda method, kwargs: llm.collective_rpc(method, kwargs=kwargs)
 
 
-class IpcTransferSender:
+class IpcTransferSender(WeightUpdateSender):
     """GPU host side for vLLM's own ``ipc`` engine (trainer and engine worker on one GPU, in
     different processes): per bucket, each tensor is exported as a CUDA IPC handle keyed by the
     GPU's UUID and the handles go to the workers' ``update_weights``; the worker opens the
@@ -271,27 +297,27 @@ class IpcTransferSender:
         self.uuid = gpu_uuid(device)
         rpc("init_weight_transfer_engine", {"init_info": {}})  # no rendezvous for IPC
 
-    def send(self, buckets: Sequence[Sequence[tuple[str, torch.Tensor]]], check: Any = None) -> int:
+    def start(self) -> None:
+        self.rpc("start_weight_update", {})  # checkpoint format (layerwise processing): the default
+
+    def update(self, bucket: Sequence[tuple[str, torch.Tensor]], check: Any = None) -> int:
         from torch.multiprocessing.reductions import reduce_tensor
 
-        sent = 0
-        self.rpc("start_weight_update", {"is_checkpoint_format": True})
-        for bucket in buckets:
-            # strong references until the worker has loaded them: a handle does not keep its
-            # storage alive
-            held = [t.detach().to(self.device).contiguous() for _, t in bucket]
-            torch.cuda.current_stream(self.device).synchronize()  # the copies land before the worker reads
-            info = {"names": [n for n, _ in bucket], "dtype_names": [str(t.dtype).replace("torch.", "") for t in held],
-                    "shapes": [list(t.shape) for t in held], "packed": False,
-                    "ipc_handles": [{self.uuid: reduce_tensor(t)[1]} for t in held]}
-            if check is not None:
-                check()
-            self.rpc("update_weights", {"update_info": info})
-            sent += sum(t.numel() * t.element_size() for t in held)
-            del held
+        # strong references until the worker has loaded them: a handle does not keep its
+        # storage alive
+        held = [t.detach().to(self.device).contiguous() for _, t in bucket]
+        torch.cuda.current_stream(self.device).synchronize()  # the copies land before the worker reads
+        info = {"names": [n for n, _ in bucket], "dtype_names": [str(t.dtype).replace("torch.", "") for t in held],
+                "shapes": [list(t.shape) for t in held], "packed": False,
+                "ipc_handles": [{self.uuid: reduce_tensor(t)[1]} for t in held]}
+        if check is not None:
+            check()
+        self.rpc("update_weights", {"update_info": info})
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def finish(self) -> None:
         self.rpc("finish_weight_update", {})
         torch.cuda.ipc_collect()
-        return sent
 
     def close(self) -> None:
         """Nothing to release: IPC holds no group, and the handles of a sync are gone at its end

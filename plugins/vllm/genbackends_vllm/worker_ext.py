@@ -52,11 +52,18 @@ class WeightSyncExtension:
         snap = getattr(self, "_genbackends_snapshot", None)
         model = compat.worker_model(self)
         abort_layerwise_reload(model)
+        compat.end_weight_update_session(self)  # a transfer-engine update the failure left open
         if snap is None:
             return {}
         out = snap.restore()
         self._genbackends_snapshot = None
         return out
+
+    def genbackends_abort_update(self) -> bool:
+        """End a transfer-engine weight update that a failed sync left open: the layers its
+        layerwise reload took apart are put back, the session closed. Whether one was open."""
+        abort_layerwise_reload(compat.worker_model(self))
+        return compat.end_weight_update_session(self)
 
     def genbackends_drop_snapshot(self) -> None:
         """Free the snapshot after a sync succeeded."""
