@@ -143,7 +143,7 @@ def engine(request, tiny_llama):
     else:
         # worker processes (mp executor), reached by two transports in turn (the option is read per
         # sync): our gloo group, and vLLM's weight-transfer API (start_weight_update /
-        # update_weights / finish_weight_update per bucket; on the CPU its wire is our gloo engine
+        # update_weights per bucket / finish_weight_update, one update per sync; on the CPU its wire is our gloo engine
         # registered in vLLM's factory), which the engine is built for
         b = get_registry().create_backend(vllm_config(
             tiny_llama, parallel={"tensor_parallel_size": 2},
