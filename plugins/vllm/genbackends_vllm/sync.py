@@ -19,6 +19,9 @@ source provides (``"auto"``: direct, then folder, then hf; docs/contract.md):
   on GPUs too;
 * ``hf`` / ``group``: worker processes receive the tensors over our own gloo group
   (:mod:`genbackends_vllm.transport`) and ``reload_weights`` them;
+* ``hf`` / ``transfer_engine``: vLLM's weight-transfer engine, one weight update per sync and an
+  ``update_weights`` per bucket (:mod:`genbackends_vllm.weight_transfer`; vLLM's ``ipc`` engine is
+  what ``auto`` takes for a one-worker GPU engine in another process whose GPU this process sees);
 * ``hf`` / ``rpc``: tensors serialized through ``collective_rpc`` (simple, slower);
 * ``hf`` / ``ray``: tensors put once into Ray's object store, each actor replica loads in-process;
 * ``folder`` / ``reload_from_path``: a safetensors folder is read by the workers themselves.
