@@ -142,9 +142,9 @@ def engine(request, tiny_llama):
         b = get_registry().create_backend(vllm_config(tiny_llama, vllm={"bucket_bytes": BUCKET}))
     else:
         # worker processes (mp executor), reached by two transports in turn (the option is read per
-        # sync): our gloo group, and vLLM's weight-transfer API (start_weight_update /
-        # update_weights per bucket / finish_weight_update, one update per sync; on the CPU its wire is our gloo engine
-        # registered in vLLM's factory), which the engine is built for
+        # sync): our gloo group, and vLLM's weight-transfer API (start_weight_update, update_weights
+        # per bucket, finish_weight_update: one update per sync; on the CPU its wire is our gloo
+        # engine registered in vLLM's factory), which the engine is built for
         b = get_registry().create_backend(vllm_config(
             tiny_llama, parallel={"tensor_parallel_size": 2},
             vllm={"bucket_bytes": BUCKET, "sync_transport": "transfer_engine"}))
@@ -198,7 +198,6 @@ def test_nan_accepted_unchecked_leaves_no_trace_after_a_good_sync(engine, weight
     engine.sync_weights({"model.embed_tokens.weight": base["model.embed_tokens.weight"]})
     for _ in range(4):
         assert fingerprint(engine) == engine.fresh
-
 
 
 def test_failed_unatomic_transfer_update_does_not_block_the_next_sync(engine, weights, refs):

@@ -283,14 +283,13 @@ class VLLMRolloutEngine(RolloutEngine):
         """The host side of vLLM's ``ipc`` engine if this engine was built with it
         (:func:`~genbackends_vllm.engine_args.auto_transfer_args`) and this process sees the
         worker's GPU; else None (our group carries the sync)."""
-        if self._ipc is None and (self.kwargs.get("weight_transfer_config") or {}).get("backend") == "ipc":
+        if self._ipc is None:
             from genbackends_vllm import weight_transfer
 
             def rpc(method: str, kwargs: dict[str, Any]) -> Any:
                 return self._call(self.llm.collective_rpc(method, kwargs=kwargs))
 
-            uuids = rpc("genbackends_gpu_uuid", {})
-            device = weight_transfer.local_index_of(uuids[0]) if len(uuids) == 1 else None
+            device = weight_transfer.ipc_device_of(self.kwargs, rpc)
             self._ipc = False if device is None else weight_transfer.IpcTransferSender(rpc, device)
         return self._ipc or None
 
@@ -332,12 +331,12 @@ class VLLMRolloutEngine(RolloutEngine):
                     buckets = fused_buckets(stream, manifest, opts.bucket_bytes)
                     if ipc:
                         ipc.send(buckets)  # one weight update (vLLM's layerwise reload), a handle set per bucket
-                        buckets = iter(())
-                    for bucket in buckets:
-                        if transport == "group":
-                            self._send_over_group(bucket)
-                        else:
-                            self._call(self.llm.collective_rpc("genbackends_reload_packed", args=(pack_bytes(bucket),)))
+                    else:
+                        for bucket in buckets:
+                            if transport == "group":
+                                self._send_over_group(bucket)
+                            else:
+                                self._call(self.llm.collective_rpc("genbackends_reload_packed", args=(pack_bytes(bucket),)))
         except GenBackendsError:
             raise
         except Exception as e:

@@ -297,13 +297,10 @@ class LocalEngine:
     def ipc_device(self) -> int | None:
         """This process's index of the engine worker's GPU, if the engine was built with vLLM's
         ``ipc`` engine and that GPU is visible here (asked once: the worker reports its UUID)."""
-        if self.transfer_backend() != "ipc":
-            return None
         if not hasattr(self, "_ipc_device"):
             from genbackends_vllm import weight_transfer
 
-            uuids = self.collective_rpc("genbackends_gpu_uuid")
-            self._ipc_device = weight_transfer.local_index_of(uuids[0]) if len(uuids) == 1 else None
+            self._ipc_device = weight_transfer.ipc_device_of(self.kwargs, lambda m, kw: self.collective_rpc(m, kwargs=kw))
         return self._ipc_device
 
     def load_bucket(self, pairs: list[tuple[str, Any]], transport: str) -> None:

@@ -136,8 +136,7 @@ def _transfer_engine_args(config: GenConfig) -> dict[str, Any]:
     if not cpu and workers > 1:
         raise ConfigError(f"options.vllm.sync_transport: transfer_engine on GPUs takes one engine worker (vLLM's ipc "
                           f"engine, trainer and engine on one GPU); this engine has {workers}: use group")
-    return {"weight_transfer_config": {"backend": weight_transfer.backend_for("cpu" if cpu else "cuda", same_gpu=True)},
-            "worker_extension_cls": weight_transfer.EXTENSION}
+    return weight_transfer.engine_kwargs_for(weight_transfer.backend_for("cpu" if cpu else "cuda", same_gpu=True))
 
 
 def auto_transfer_args(config: GenConfig, options: VLLMOptions) -> dict[str, Any]:
@@ -154,5 +153,4 @@ def auto_transfer_args(config: GenConfig, options: VLLMOptions) -> dict[str, Any
         return {}
     if {"weight_transfer_config", "worker_extension_cls"} & set(options.engine_args) or not weight_transfer.has_transfer_api():
         return {}
-    return {"weight_transfer_config": {"backend": "ipc"}, "worker_extension_cls": weight_transfer.EXTENSION}
-
+    return weight_transfer.engine_kwargs_for("ipc")

@@ -271,6 +271,23 @@ def local_index_of(uuid: str | None) -> int | None:
     return next((i for i in range(torch.cuda.device_count()) if gpu_uuid(i) == uuid), None)
 
 
+def engine_kwargs_for(backend: str) -> dict[str, Any]:
+    """The ``LLM`` keywords that build an engine with the transfer engine ``backend``: vLLM's
+    ``weight_transfer_config`` and the worker extension that registers our CPU engine in its
+    factory (and keeps the plugin's own worker methods)."""
+    return {"weight_transfer_config": {"backend": backend}, "worker_extension_cls": EXTENSION}
+
+
+def ipc_device_of(engine_kwargs: dict[str, Any], rpc: Callable[[str, dict[str, Any]], Any]) -> int | None:
+    """This process's index of the GPU of an engine's one worker, if the engine was built with
+    vLLM's ``ipc`` engine (``engine_kwargs``) and that GPU is visible here; else None. ``rpc``
+    reaches the workers (the worker reports its GPU's UUID)."""
+    if (engine_kwargs.get("weight_transfer_config") or {}).get("backend") != "ipc":
+        return None
+    uuids = rpc("genbackends_gpu_uuid", {})
+    return local_index_of(uuids[0]) if len(uuids) == 1 else None
+
+
 def llm_rpc(llm: Any) -> Callable[[str, dict[str, Any]], Any]:
     """``rpc(method, kwargs)`` on every worker of a ``vllm.LLM`` (what its
     ``start_weight_update`` / ``update_weights`` / ... do)."""

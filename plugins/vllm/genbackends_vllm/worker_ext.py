@@ -50,9 +50,7 @@ class WeightSyncExtension:
         """Put the snapshotted modules back (after undoing a half-done reload) and drop the
         snapshot; ``{}`` if this worker holds none."""
         snap = getattr(self, "_genbackends_snapshot", None)
-        model = compat.worker_model(self)
-        abort_layerwise_reload(model)
-        compat.end_weight_update_session(self)  # a transfer-engine update the failure left open
+        self.genbackends_abort_update()  # a half-done reload, and a transfer-engine update left open
         if snap is None:
             return {}
         out = snap.restore()
@@ -102,9 +100,11 @@ class WeightSyncExtension:
         ``ipc`` engine is used only where it sees the same GPU."""
         import torch
 
+        from genbackends_vllm.weight_transfer import gpu_uuid
+
         if compat.is_cpu_platform() or not torch.cuda.is_available():
             return None
-        return str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+        return gpu_uuid(torch.cuda.current_device())
 
     def genbackends_param_layout(self) -> dict[str, Any]:
         """Engine parameter names -> (shape, dtype string) of this worker."""
